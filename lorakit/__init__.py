@@ -1,0 +1,27 @@
+"""lorakit: low-rank adaptation (LoRA) of pretrained transformers.
+
+    from lorakit import LoraConfig, inject, merge, save_adapter
+    report = inject(model, LoraConfig(rank=16, alpha=32, targets=["llama"]))
+"""
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, LorakitError, MergeStateError
+from lorakit.inject import InjectionReport, adapter_parameters, inject
+from lorakit.io import inspect_adapter, load_adapter, save_adapter
+from lorakit.merge import adapters_disabled, delta_weight, is_merged, merge, merged_state_dict, set_scale, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError", "adapter_parameters",
+    "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged", "load_adapter", "load_model",
+    "merge", "merged_state_dict", "save_adapter", "set_scale", "unmerge",
+]
+
+
+def __getattr__(name: str):  # load_model pulls in transformers' Auto classes; import it on first use
+    if name == "load_model":
+        from lorakit.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

@@ -1,0 +1,239 @@
+"""Injecting LoRA modules into a model: choose targets, build modules, swap them in, freeze the rest.
+
+`inject` validates everything and computes every initialisation before it changes the model, so an error leaves
+the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lorakit import init as lora_init
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, lora_modules
+from lorakit.targets import LINEAR_TYPES, Selection, select_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterState:
+    """What `inject` did, kept on the model (`model.lorakit_state`) for saving, merging and reporting."""
+
+    config: LoraConfig
+    targets: list[str]
+    modules_to_save: list[str]
+    principal_init: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class InjectionReport:
+    """Modules adapted and the trainable share of the model."""
+
+    adapted: list[str]
+    modules_to_save: list[str]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        saved = f" + {len(self.modules_to_save)} saved in full" if self.modules_to_save else ""
+        return (f"adapted {len(self.adapted)} modules{saved}; trainable {self.trainable_params:,} of "
+                f"{self.total_params:,} parameters ({100 * self.trainable_fraction:.3f}%)")
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's `AdapterState`; raises when the model has no adapters."""
+    state = getattr(model, "lorakit_state", None)
+    if not isinstance(state, AdapterState):
+        raise LorakitError("model has no lorakit adapters; call lorakit.inject(model, config) or load_adapter first")
+    return state
+
+
+def plan(model: nn.Module, config: LoraConfig) -> Selection:
+    """Resolve and check the targets of `config` on `model` without changing anything."""
+    if isinstance(getattr(model, "lorakit_state", None), AdapterState) or lora_modules(model):
+        raise LorakitError("model already has lorakit adapters; load a fresh base model to inject again")
+    selection = select_modules(model, config.targets, config.exclude, config.modules_to_save)
+    modules = dict(model.named_modules())
+    problems = []
+    for name in selection.targets:
+        rank = config.rank_for(name)
+        fan_in, fan_out = fan_in_out(modules[name])
+        if rank > min(fan_in, fan_out):
+            problems.append(f"rank {rank} for {name!r} exceeds min(fan_in, fan_out) = min({fan_in}, {fan_out}); "
+                            f"use rank <= {min(fan_in, fan_out)} (rank_pattern can lower it for this module)")
+        if config.init == "principal" and isinstance(modules[name], nn.Embedding):
+            problems.append(f"init 'principal' is for weight matrices of linear and conv layers; {name!r} is an "
+                            "Embedding (exclude it or use init 'standard')")
+    if problems:
+        raise ConfigError(problems)
+    return selection
+
+
+def fan_in_out(module: nn.Module) -> tuple[int, int]:
+    """(fan_in, fan_out) of an adaptable module, in the ΔW = B @ A layout."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return w.shape[1], w.shape[0]
+    if isinstance(module, nn.Embedding):
+        return w.shape[0], w.shape[1]
+    if isinstance(module, LINEAR_TYPES):  # Conv1D: weight (in, out)
+        return w.shape[0], w.shape[1]
+    return int(w[0].numel()), w.shape[0]  # convolutions: (out, in, *kernel)
+
+
+def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True) -> InjectionReport:
+    """Adapt the modules `config` selects, freeze every other parameter, and return a report.
+
+    With `initialize=False` the factors are left at zero and the base weights untouched: the state in which an
+    adapter file is loaded. Raises `LorakitError`/`ConfigError` before any change when the config does not fit.
+    """
+    selection = plan(model, config)
+    modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    built: dict[str, nn.Module] = {}
+    inits: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+    for name in selection.targets:
+        built[name] = build_module(modules[name], config, name)
+        if initialize:
+            inits[name] = initial_factors(built[name], config, generator)  # type: ignore[arg-type]
+    # Nothing above touched the model; from here on nothing can fail on user input.
+    state = AdapterState(config, selection.targets, selection.modules_to_save)
+    for name, module in built.items():
+        if name in inits:
+            a, b, residual = inits[name]
+            apply_factors(module, a, b, residual)  # type: ignore[arg-type]
+            if residual is not None:
+                state.principal_init[name] = (a, b)
+        _replace(model, name, module)
+    model.lorakit_state = state  # type: ignore[assignment]
+    mark_trainable(model)
+    report = injection_report(model)
+    log.info("%s", report)
+    return report
+
+
+def build_module(base: nn.Module, config: LoraConfig, name: str) -> nn.Module:
+    """A LoRA module around `base`, factors zero (call `apply_factors` to initialise)."""
+    rank, alpha, scaling = config.rank_for(name), config.alpha_for(name), config.scaling_for(name)
+    if isinstance(base, nn.Embedding):
+        return LoraEmbedding(base, rank, alpha, scaling)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(base, rank, alpha, scaling, config.dropout)
+    module = LoraLinear(base, rank, alpha, scaling, config.dropout, fan_in_fan_out=not isinstance(base, nn.Linear))
+    nn.init.zeros_(module.lora_A.weight)  # nn.Linear's own init is replaced by `apply_factors` or a loaded file
+    return module
+
+
+def initial_factors(module: LoraModule, config: LoraConfig, generator: torch.Generator | None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A, B, residual-or-None) in fp32 for `module` by `config.init`."""
+    a0, b0 = module.factors()
+    rank, fan_in, fan_out = a0.shape[0], a0.shape[1], b0.shape[0]
+    if config.init == "principal":
+        return lora_init.principal(module.weight_matrix(), rank, module.scaling, svd_iters=config.svd_iters,
+                                   generator=generator)
+    if isinstance(module, LoraEmbedding):
+        a, b = lora_init.standard(rank, fan_in, fan_out, zero_b=False, generator=generator)
+    elif config.init == "gaussian":
+        a, b = lora_init.gaussian(rank, fan_in, fan_out, generator=generator)
+    else:
+        a, b = lora_init.standard(rank, fan_in, fan_out, generator=generator)
+    return a, b, None
+
+
+def apply_factors(module: LoraModule, a: Tensor, b: Tensor, residual: Tensor | None = None) -> None:
+    """Write A, B (and, for a principal init, the residual base weight) into `module`."""
+    module.set_factors(a, b)
+    if residual is not None:
+        with torch.no_grad():
+            module.weight.copy_(module.matrix_to_weight(residual))
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything, then unfreeze by ownership: LoRA factors, modules to save, and biases per `bias`."""
+    trainable = adapter_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter the adapter owns (trained and saved), keyed by its name in `model.state_dict()`."""
+    state = adapter_state(model)
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Parameter] = {}
+    for name, module in lora_modules(model):
+        for p in module.lora_parameters():
+            out[_param_name(module, p, name)] = p
+        if state.config.bias == "lora_only" and getattr(module, "bias", None) is not None:
+            out[f"{name}.bias"] = module.bias  # type: ignore[attr-defined]
+    if state.config.bias == "all":
+        for name, module in modules.items():
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                out[f"{name}.bias" if name else "bias"] = bias
+    for saved in state.modules_to_save:
+        for pname, p in modules[saved].named_parameters():
+            out[f"{saved}.{pname}"] = p
+    return out
+
+
+def expected_adapter_shapes(model: nn.Module, config: LoraConfig, selection: Selection) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes `adapter_parameters` will have once `config` is injected, computed without injecting."""
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[int, ...]] = {}
+    for name in selection.targets:
+        module, rank = modules[name], config.rank_for(name)
+        fan_in, fan_out = fan_in_out(module)
+        if isinstance(module, nn.Embedding):
+            out[f"{name}.lora_embedding_A"] = (rank, fan_in)
+            out[f"{name}.lora_embedding_B"] = (fan_out, rank)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kernel = tuple(module.weight.shape[2:])
+            out[f"{name}.lora_A.weight"] = (rank, module.weight.shape[1], *kernel)
+            out[f"{name}.lora_B.weight"] = (fan_out, rank) + (1,) * len(kernel)
+        else:
+            out[f"{name}.lora_A.weight"] = (rank, fan_in)
+            out[f"{name}.lora_B.weight"] = (fan_out, rank)
+        if config.bias == "lora_only" and getattr(module, "bias", None) is not None:
+            out[f"{name}.bias"] = tuple(module.bias.shape)
+    if config.bias == "all":
+        for name, module in modules.items():
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                out[f"{name}.bias" if name else "bias"] = tuple(bias.shape)
+    for saved in selection.modules_to_save:
+        for pname, p in modules[saved].named_parameters():
+            out[f"{saved}.{pname}"] = tuple(p.shape)
+    return out
+
+
+def _param_name(module: nn.Module, param: nn.Parameter, prefix: str) -> str:
+    for pname, p in module.named_parameters():
+        if p is param:
+            return f"{prefix}.{pname}"
+    raise AssertionError("parameter not owned by module")
+
+
+def injection_report(model: nn.Module) -> InjectionReport:
+    state = adapter_state(model)
+    trainable = sum(p.numel() for p in adapter_parameters(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionReport(list(state.targets), list(state.modules_to_save), trainable, total)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,354 @@
+"""Adapter files in PEFT's on-disk layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's (`base_model.model.<module>.lora_A.weight`, `...lora_embedding_A`, `...base_layer.bias`, saved
+modules under their own names), so `peft.PeftModel.from_pretrained` loads a lorakit adapter and `load_adapter`
+loads a PEFT LoRA adapter. lorakit's own facts (base fingerprint, checksum, version) travel in the safetensors
+header's metadata, which PEFT ignores. A principal (PiSSA) adapter also stores its initial factors in
+`principal_init.safetensors`, from which the residual base is rebuilt on load without an SVD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, LorakitError, did_you_mean
+from lorakit.fileio import atomic_write_dir
+from lorakit.inject import (
+    InjectionReport,
+    adapter_parameters,
+    adapter_state,
+    expected_adapter_shapes,
+    initial_factors,
+    inject,
+    injection_report,
+    plan,
+)
+from lorakit.layers import lora_modules
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PRINCIPAL_NAME = "principal_init.safetensors"
+PREFIX = "base_model.model."
+FORMAT_VERSION = "1"
+
+# Keys of PEFT's LoraConfig (0.21) that lorakit reads, and those it accepts only at their neutral value.
+_PEFT_READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias", "use_rslora",
+              "rank_pattern", "alpha_pattern", "modules_to_save", "init_lora_weights", "fan_in_fan_out"}
+_PEFT_NEUTRAL: dict[str, Any] = {
+    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+    "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "loftq_config": {},
+    "eva_config": None, "corda_config": None, "arrow_config": None, "lora_ga_config": None, "kasa_config": None,
+    "monteclora_config": None, "velora_config": None,
+}
+_PEFT_IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                 "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
+
+
+def fingerprint(model: nn.Module, targets: list[str]) -> str:
+    """A short hash of the target modules' names and base weight shapes: what an adapter must fit."""
+    modules = dict(model.named_modules())
+    text = "\n".join(f"{n}:{tuple(modules[n].weight.shape)}" for n in sorted(targets))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _to_peft_key(key: str, targets: set[str]) -> str:
+    owner, _, leaf = key.rpartition(".")
+    if leaf == "bias" and owner in targets:
+        key = f"{owner}.base_layer.bias"  # PEFT keeps the adapted layer's own parameters under `base_layer`
+    return PREFIX + key
+
+
+def _from_peft_key(key: str) -> str:
+    return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool = False,
+                 base_model: str | None = None) -> Path:
+    """Write the model's adapter to directory `path` atomically and return the path.
+
+    convert_principal: for a principal-initialised adapter, save instead the plain LoRA adapter of rank 2r whose
+        ΔW applies to the *original* W (PiSSA §3.4: ΔW = s·(B A - B₀ A₀) = s·[B, -B₀]·[A; A₀]).
+    base_model: recorded as `base_model_name_or_path`; defaults to the model's own name or path.
+    """
+    state = adapter_state(model)
+    config = state.config
+    targets = set(state.targets)
+    tensors = {_to_peft_key(k, targets): p.detach().cpu().clone().contiguous()
+               for k, p in adapter_parameters(model).items()}
+    if convert_principal:
+        if config.init != "principal":
+            raise LorakitError(f"convert_principal applies to init 'principal' adapters; this one is {config.init!r}")
+        tensors.update(_principal_as_plain_lora(model))
+    base = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    metadata = {
+        "format": "pt",
+        "lorakit_format": FORMAT_VERSION,
+        "lorakit_fingerprint": fingerprint(model, state.targets),
+        "lorakit_base_model": str(base or ""),
+        "lorakit_checksum": _checksum(tensors),
+    }
+    peft_config = _peft_config(model, config, base, doubled=convert_principal)
+    principal = None
+    if config.init == "principal" and not convert_principal:
+        principal = {f"{n}.A": a.contiguous() for n, (a, _) in state.principal_init.items()}
+        principal |= {f"{n}.B": b.contiguous() for n, (_, b) in state.principal_init.items()}
+
+    def fill(tmp: Path) -> None:
+        (tmp / WEIGHTS_NAME).write_bytes(save_safetensors(tensors, metadata=metadata))
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        if principal:
+            (tmp / PRINCIPAL_NAME).write_bytes(save_safetensors(principal, metadata={"format": "pt"}))
+
+    atomic_write_dir(path, fill)
+    return Path(path)
+
+
+def _principal_as_plain_lora(model: nn.Module) -> dict[str, Tensor]:
+    state = adapter_state(model)
+    out = {}
+    for name, module in lora_modules(model):
+        a0, b0 = state.principal_init[name]
+        a, b = module.factors()
+        a_param, b_param = module.lora_parameters()
+        wide_a = torch.cat([a.detach().float(), a0], dim=0)  # (2r, fan_in)
+        wide_b = torch.cat([b.detach().float(), -b0], dim=1)  # (fan_out, 2r)
+        ka = _to_peft_key(_param_key(name, module, a_param), set())
+        kb = _to_peft_key(_param_key(name, module, b_param), set())
+        out[ka] = wide_a.view(2 * a.shape[0], *a_param.shape[1:]).to(a_param.dtype).contiguous()
+        out[kb] = wide_b.view(b_param.shape[0], 2 * a.shape[0], *b_param.shape[2:]).to(b_param.dtype).contiguous()
+    return out
+
+
+def _param_key(name: str, module: nn.Module, param: nn.Parameter) -> str:
+    return next(f"{name}.{k}" for k, p in module.named_parameters() if p is param)
+
+
+def _peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doubled: bool) -> dict[str, Any]:
+    state = adapter_state(model)
+    modules = dict(lora_modules(model))
+    factor = 2 if doubled else 1
+    alpha_factor = (2 ** 0.5 if config.rslora else 2.0) if doubled else 1.0
+    rank_pattern = {_exact(n): m.rank * factor for n, m in modules.items() if m.rank != config.rank}
+    alpha_pattern = {_exact(n): m.alpha * alpha_factor for n, m in modules.items() if m.alpha != config.alpha}
+    if config.init == "principal" and not doubled:
+        init: Any = "pissa" if config.svd_iters is None else f"pissa_niter_{config.svd_iters}"
+    else:
+        init = "gaussian" if config.init == "gaussian" and not doubled else True
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base,
+        "r": config.rank * factor,
+        "lora_alpha": config.alpha * alpha_factor,
+        "target_modules": list(state.targets),
+        "exclude_modules": None,
+        "lora_dropout": config.dropout,
+        "bias": config.bias,
+        "use_rslora": config.rslora,
+        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in modules.values()),
+        "modules_to_save": list(state.modules_to_save) or None,
+        "init_lora_weights": init,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "inference_mode": True,
+        **_PEFT_NEUTRAL,
+    }
+
+
+def _exact(name: str) -> str:
+    """A PEFT pattern key that matches exactly module `name` (PEFT reads pattern keys as regular expressions)."""
+    return name.replace(".", r"\.")
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def config_from_peft(data: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
+    """Translate a PEFT LoRA `adapter_config.json` into a `LoraConfig`, strictly: unknown keys and PEFT features
+    lorakit does not implement are errors, all listed at once."""
+    problems = []
+    known = _PEFT_READ | set(_PEFT_NEUTRAL) | _PEFT_IGNORED
+    for key in data:
+        if key not in known:
+            problems.append(f"{source}: unknown key {key!r}{did_you_mean(key, known)}")
+    if data.get("peft_type", "LORA") != "LORA":
+        problems.append(f"{source}: peft_type {data.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
+    for key, neutral in _PEFT_NEUTRAL.items():
+        if key in data and data[key] not in (neutral, None, {}, False):
+            problems.append(f"{source}: {key}={data[key]!r} is a PEFT feature lorakit does not support")
+    init_value = data.get("init_lora_weights", True)
+    init, svd_iters = "standard", None
+    if isinstance(init_value, str) and init_value.startswith("pissa"):
+        init = "principal"
+        if "_niter_" in init_value:
+            svd_iters = int(init_value.rsplit("_", 1)[-1])
+    elif init_value == "gaussian":
+        init = "gaussian"
+    elif init_value not in (True, False):
+        problems.append(f"{source}: init_lora_weights={init_value!r} is not supported (use true, gaussian or pissa)")
+    if problems:
+        raise ConfigError(problems)
+
+    def patterns(value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):  # PEFT: a string is a regular expression, or the all-linear preset
+            return [value] if value == "all-linear" else [f"re:{value}"]
+        return list(value)
+
+    def keyed(mapping: dict[str, Any]) -> dict[str, Any]:
+        return {rf"re:(.*\.)?({k})": v for k, v in (mapping or {}).items()}  # PEFT's get_pattern_key semantics
+
+    return LoraConfig(
+        rank=data.get("r", 8), alpha=data.get("lora_alpha", 8), targets=patterns(data.get("target_modules")),
+        exclude=patterns(data.get("exclude_modules")), init=init, svd_iters=svd_iters,
+        dropout=data.get("lora_dropout", 0.0), bias=data.get("bias", "none"), rslora=data.get("use_rslora", False),
+        rank_pattern=keyed(data.get("rank_pattern")), alpha_pattern=keyed(data.get("alpha_pattern")),
+        modules_to_save=list(data.get("modules_to_save") or []),
+    )
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    """(config json, tensors, header metadata) of an adapter directory, with errors that name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LorakitError(f"adapter directory {str(path)!r} does not exist")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise LorakitError(f"{p} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorakitError(f"{config_path} is not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    tensors, metadata = _read_safetensors(weights_path)
+    if "lorakit_checksum" in metadata and _checksum(tensors) != metadata["lorakit_checksum"]:
+        raise LorakitError(f"{weights_path} is corrupted (checksum mismatch); re-save or re-copy the adapter")
+    return config, tensors, metadata
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    data = path.read_bytes()
+    try:
+        tensors = load_safetensors(data)
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise LorakitError(f"{path} is truncated or corrupted ({type(e).__name__}: {e}); re-save the adapter") from None
+    return tensors, metadata
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: bool = False) -> InjectionReport:
+    """Inject the adapter saved at `path` into the (unadapted) base `model` and load its weights.
+
+    Strict: keys missing from the file, keys the model does not expect and shape mismatches are all reported in
+    one error, as is a base whose target names and shapes differ from the ones the adapter was saved on
+    (override with `allow_base_mismatch=True`). Nothing is changed unless everything fits.
+    """
+    raw_config, tensors, metadata = read_adapter(path)
+    config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
+    selection = plan(model, config)
+    found = {_from_peft_key(k): v for k, v in tensors.items()}
+    expected = expected_adapter_shapes(model, config, selection)
+    problems = [f"missing key {k!r} (shape {tuple(s)})" for k, s in expected.items() if k not in found]
+    problems += [f"unexpected key {k!r}" for k in found if k not in expected]
+    problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(s)}"
+                 for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
+    if problems:
+        raise LorakitError(f"adapter {str(path)!r} does not fit this model: " + "; ".join(problems))
+    saved_print = metadata.get("lorakit_fingerprint")
+    if saved_print and saved_print != fingerprint(model, selection.targets) and not allow_base_mismatch:
+        raise LorakitError(
+            f"adapter {str(path)!r} was saved on base {metadata.get('lorakit_base_model')!r} whose targets differ "
+            "from this model's; pass allow_base_mismatch=True to load it anyway")
+    principal = _read_principal(Path(path), selection.targets) if config.init == "principal" else None
+    inject(model, config, initialize=False)
+    params = adapter_parameters(model)
+    with torch.no_grad():
+        for key, value in found.items():
+            params[key].copy_(value.to(params[key].dtype))
+    if config.init == "principal":
+        _rebuild_residual(model, config, principal)
+    return injection_report(model)
+
+
+def _read_principal(path: Path, targets: list[str]) -> dict[str, tuple[Tensor, Tensor]] | None:
+    file = path / PRINCIPAL_NAME
+    if not file.is_file():
+        return None
+    tensors, _ = _read_safetensors(file)
+    missing = [n for n in targets if f"{n}.A" not in tensors or f"{n}.B" not in tensors]
+    if missing:
+        raise LorakitError(f"{file} lacks the initial factors of {', '.join(missing)}; re-save the adapter")
+    return {n: (tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()) for n in targets}
+
+
+def _rebuild_residual(model: nn.Module, config: LoraConfig, principal: dict[str, tuple[Tensor, Tensor]] | None
+                      ) -> None:
+    """Turn the original W of each target into the residual W - s·B₀A₀ the principal adapter was trained on."""
+    state = adapter_state(model)
+    if principal is None:
+        log.warning("no %s: recomputing the principal init by SVD to rebuild the residual base", PRINCIPAL_NAME)
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    for name, module in lora_modules(model):
+        if principal is not None:
+            a0, b0 = principal[name]
+        else:
+            a0, b0, _ = initial_factors(module, config, generator)
+        residual = module.weight_matrix().float() - module.scaling * (b0 @ a0)
+        with torch.no_grad():
+            module.weight.copy_(module.matrix_to_weight(residual))
+        state.principal_init[name] = (a0, b0)
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    """A summary of an adapter directory: base, targets, ranks, parameter count and sizes."""
+    raw_config, tensors, metadata = read_adapter(path)
+    config = config_from_peft(raw_config)
+    files = [p for p in Path(path).iterdir() if p.is_file()]
+    return {
+        "base_model": raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model"),
+        "fingerprint": metadata.get("lorakit_fingerprint"),
+        "task_type": raw_config.get("task_type"),
+        "rank": config.rank, "alpha": config.alpha, "init": config.init, "rslora": config.rslora,
+        "targets": len(raw_config.get("target_modules") or []),
+        "rank_overrides": len(config.rank_pattern),
+        "modules_to_save": config.modules_to_save,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "bytes": sum(p.stat().st_size for p in files),
+    }

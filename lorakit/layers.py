@@ -1,0 +1,224 @@
+"""LoRA modules that adopt the base layer's own parameters.
+
+Each module takes over the base layer's `weight` and `bias` Parameter objects under their own names (no copies),
+so a base checkpoint's keys load into an adapted model unchanged, and adds the low-rank factors. The forward is
+
+    y = base(x) + scaling * scale * B(A(dropout(x)))
+
+with `scaling` = alpha / rank (or alpha / sqrt(rank) for rank-stabilised LoRA) and `scale` a run-time multiplier
+(`set_scale`; 0 disables the adapter). Every module exposes its factors as matrices, A: (rank, fan_in) and
+B: (fan_out, rank), so that one function (`lorakit.merge.delta_weight`) computes ΔW for all kinds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.errors import MergeStateError
+
+
+@runtime_checkable
+class LoraModule(Protocol):
+    """What merge, io and init rely on; every LoRA module here provides it."""
+
+    weight: nn.Parameter
+    rank: int
+    alpha: float
+    scaling: float
+    scale: float
+    merged: bool
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as matrices (rank, fan_in) and (fan_out, rank), views of the parameters."""
+        ...
+
+    def set_factors(self, a: Tensor, b: Tensor) -> None: ...
+
+    def weight_matrix(self) -> Tensor:
+        """The base weight as a (fan_out, fan_in) matrix, the layout in which ΔW = B @ A."""
+        ...
+
+    def matrix_to_weight(self, matrix: Tensor) -> Tensor:
+        """Inverse of `weight_matrix`: a (fan_out, fan_in) matrix in the weight's own layout."""
+        ...
+
+    def lora_parameters(self) -> list[nn.Parameter]: ...
+
+
+def _refuse_training_while_merged(module: nn.Module) -> None:
+    if module.training and torch.is_grad_enabled():
+        raise MergeStateError(
+            "adapters are merged into the base weights; call lorakit.unmerge(model) before training"
+        )
+
+
+class LoraLinear(nn.Module):
+    """LoRA on `nn.Linear` (weight (out, in)) or on transformers' GPT-2 `Conv1D` (weight (in, out),
+    `fan_in_fan_out=True`)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 fan_in_fan_out: bool = False):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.fan_in_fan_out = fan_in_fan_out
+        fan_in, fan_out = (self.weight.shape if fan_in_fan_out else self.weight.shape[::-1])
+        self.in_features, self.out_features = int(fan_in), int(fan_out)
+        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        if not self.fan_in_fan_out:
+            return F.linear(x, self.weight, self.bias)
+        # Same arithmetic as transformers' Conv1D, so outputs match the unadapted model bit for bit.
+        shape = x.shape[:-1] + (self.out_features,)
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return out.view(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_forward(x)
+        if self.merged:
+            _refuse_training_while_merged(self)
+            return out
+        if self.scale == 0.0:
+            return out
+        h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., rank)
+        return out + (self.lora_B(h) * (self.scaling * self.scale)).to(out.dtype)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
+    def set_factors(self, a: Tensor, b: Tensor) -> None:
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def matrix_to_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T if self.fan_in_fan_out else matrix
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+class LoraEmbedding(nn.Module):
+    """LoRA on `nn.Embedding` (weight (num_embeddings, dim)). The factors keep PEFT's names and layout:
+    `lora_embedding_A` (rank, num_embeddings) and `lora_embedding_B` (dim, rank), so ΔW = (B @ A).T."""
+
+    def __init__(self, base: nn.Embedding, rank: int, alpha: float, scaling: float):
+        super().__init__()
+        self.weight = base.weight
+        self.padding_idx, self.max_norm = base.padding_idx, base.max_norm
+        self.norm_type, self.scale_grad_by_freq, self.sparse = base.norm_type, base.scale_grad_by_freq, base.sparse
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, self.num_embeddings, **factory))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(self.embedding_dim, rank, **factory))
+
+    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = self._embed(ids, self.weight)
+        if self.merged:
+            _refuse_training_while_merged(self)
+            return out
+        if self.scale == 0.0:
+            return out
+        h = self._embed(ids, self.lora_embedding_A.T)  # (..., rank)
+        return out + ((h @ self.lora_embedding_B.T) * (self.scaling * self.scale)).to(out.dtype)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def set_factors(self, a: Tensor, b: Tensor) -> None:
+        with torch.no_grad():
+            self.lora_embedding_A.copy_(a)
+            self.lora_embedding_B.copy_(b)
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight.T  # (dim, num_embeddings)
+
+    def matrix_to_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_embedding_A, self.lora_embedding_B]
+
+    def extra_repr(self) -> str:
+        return (f"num={self.num_embeddings}, dim={self.embedding_dim}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"merged={self.merged}")
+
+
+class LoraConv(nn.Module):
+    """LoRA on `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` (weight (out, in, *kernel)). A is a convolution with the
+    base's kernel, stride, padding and dilation into `rank` channels; B is a 1x1 convolution back to `out`."""
+
+    def __init__(self, base: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int, alpha: float, scaling: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.weight.dim() - 2]
+        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        conv_cls = type(base)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = conv_cls(base.in_channels, rank, base.kernel_size, base.stride, base.padding,  # type: ignore[arg-type]
+                               base.dilation, bias=False, **factory)
+        self.lora_B = conv_cls(rank, base.out_channels, 1, 1, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.merged:
+            _refuse_training_while_merged(self)
+            return out
+        if self.scale == 0.0:
+            return out
+        h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (N, rank, *spatial)
+        return out + (self.lora_B(h) * (self.scaling * self.scale)).to(out.dtype)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
+
+    def set_factors(self, a: Tensor, b: Tensor) -> None:
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a.view_as(self.lora_A.weight))
+            self.lora_B.weight.copy_(b.view_as(self.lora_B.weight))
+
+    def weight_matrix(self) -> Tensor:
+        return self.weight.flatten(1)  # (out, in * prod(kernel))
+
+    def matrix_to_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.view(self.weight.shape)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+LORA_MODULE_TYPES = (LoraLinear, LoraEmbedding, LoraConv)
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoraModule]]:
+    """Every LoRA module of `model` with its dotted name, found by type, never by name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LORA_MODULE_TYPES)]  # type: ignore[misc]

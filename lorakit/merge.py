@@ -1,0 +1,108 @@
+"""Merging ΔW into the base weights and back, and run-time scaling of the adapters.
+
+`delta_weight` is the single source of truth for ΔW; merge, unmerge, `merged_state_dict` and the PiSSA
+conversion all use it. Merging is explicit (never a side effect of `train()`/`eval()`), computed in fp32, checked
+for NaN/inf before anything is written, and all-or-nothing across the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError, MergeStateError
+from lorakit.inject import adapter_state
+from lorakit.layers import LoraModule, lora_modules
+
+
+def delta_weight(module: LoraModule) -> Tensor:
+    """scaling · scale · B @ A in fp32, in the layout of `module.weight`."""
+    a, b = module.factors()
+    return module.matrix_to_weight((b.float() @ a.float()) * (module.scaling * module.scale))
+
+
+def _deltas(model: nn.Module) -> list[tuple[str, LoraModule, Tensor]]:
+    adapter_state(model)
+    out = []
+    for name, module in lora_modules(model):
+        delta = delta_weight(module)
+        if not torch.isfinite(delta).all():
+            raise LorakitError(f"ΔW of {name!r} has NaN or inf values; nothing was merged (check the adapter's training)")
+        out.append((name, module, delta))
+    return out
+
+
+def is_merged(model: nn.Module) -> bool:
+    return any(m.merged for _, m in lora_modules(model))
+
+
+def merge(model: nn.Module) -> None:
+    """W ← W + ΔW for every adapted module. Raises `MergeStateError` if already merged (W is never given ΔW
+    twice) and `LorakitError` if any ΔW is not finite; in both cases no weight changes."""
+    if is_merged(model):
+        raise MergeStateError("adapters are already merged; merging twice would add ΔW twice (unmerge first)")
+    for _, module, delta in _deltas(model):
+        _add_(module.weight, delta)
+        module.merged = True
+
+
+def unmerge(model: nn.Module) -> None:
+    """W ← W - ΔW, the inverse of `merge` (to fp32 roundoff). Raises `MergeStateError` if not merged."""
+    if not is_merged(model):
+        raise MergeStateError("adapters are not merged; nothing to unmerge")
+    for _, module, delta in _deltas(model):
+        _add_(module.weight, -delta)
+        module.merged = False
+
+
+def _add_(weight: nn.Parameter, delta: Tensor) -> None:
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A plain state dict of the model with every ΔW folded in and no lorakit keys: the keys and shapes of the
+    original base model, loadable by plain `transformers`. The model itself is left unchanged."""
+    deltas = {} if is_merged(model) else {name: delta for name, _, delta in _deltas(model)}
+    lora_names = {name for name, _ in lora_modules(model)}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in lora_names:
+            if leaf == "weight" and owner in deltas:
+                value = (value.float() + deltas[owner]).to(value.dtype)
+            elif leaf != "bias" and leaf != "weight":
+                continue
+        elif any(owner.startswith(n + ".") for n in lora_names):
+            continue  # lora_A / lora_B submodules
+        out[key] = value.detach().clone()
+    return out
+
+
+def set_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every adapter's contribution by `scale` at inference (0 disables, 1 restores) without merging."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale:
+        raise LorakitError(f"scale must be a number, got {scale!r}")
+    if is_merged(model):
+        raise MergeStateError("adapters are merged, so their scale is baked into W; unmerge before set_scale")
+    adapter_state(model)
+    for _, module in lora_modules(model):
+        module.scale = float(scale)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block; each adapter's previous scale is restored after."""
+    if is_merged(model):
+        raise MergeStateError("adapters are merged; unmerge before disabling them")
+    previous = [(m, m.scale) for _, m in lora_modules(model)]
+    for m, _ in previous:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in previous:
+            m.scale = s
