@@ -129,9 +129,7 @@ def build_module(base: nn.Module, config: LoraConfig, name: str) -> nn.Module:
         return LoraEmbedding(base, rank, alpha, scaling)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(base, rank, alpha, scaling, config.dropout)
-    module = LoraLinear(base, rank, alpha, scaling, config.dropout, fan_in_fan_out=not isinstance(base, nn.Linear))
-    nn.init.zeros_(module.lora_A.weight)  # nn.Linear's own init is replaced by `apply_factors` or a loaded file
-    return module
+    return LoraLinear(base, rank, alpha, scaling, config.dropout, fan_in_fan_out=not isinstance(base, nn.Linear))
 
 
 def initial_factors(module: LoraModule, config: LoraConfig, generator: torch.Generator | None

@@ -56,6 +56,13 @@ def _refuse_training_while_merged(module: nn.Module) -> None:
         )
 
 
+def _zero_(params: list[nn.Parameter]) -> None:
+    """Factors start at zero (ΔW = 0) until an init function or an adapter file fills them."""
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+
+
 class LoraLinear(nn.Module):
     """LoRA on `nn.Linear` (weight (out, in)) or on transformers' GPT-2 `Conv1D` (weight (in, out),
     `fan_in_fan_out=True`)."""
@@ -73,6 +80,7 @@ class LoraLinear(nn.Module):
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
+        _zero_(self.lora_parameters())
 
     def base_forward(self, x: Tensor) -> Tensor:
         if not self.fan_in_fan_out:
@@ -184,6 +192,7 @@ class LoraConv(nn.Module):
         self.lora_A = conv_cls(base.in_channels, rank, base.kernel_size, base.stride, base.padding,  # type: ignore[arg-type]
                                base.dilation, bias=False, **factory)
         self.lora_B = conv_cls(rank, base.out_channels, 1, 1, bias=False, **factory)
+        _zero_(self.lora_parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

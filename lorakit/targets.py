@@ -52,11 +52,22 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, ADAPTABLE_TYPES)
 
 
+# Task heads of transformers' models; `all-linear` adapts the backbone, and a head is trained in full
+# (modules_to_save) when it is new.
+HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+
+
 def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the model's output projection (e.g. `lm_head`), which `all-linear` skips."""
+    """Names of the model's output projection (`lm_head`) and task heads (`classifier`, `score`, `qa_outputs`),
+    which `all-linear` skips."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return {name for name, m in model.named_modules() if head is not None and m is head}
+    out = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (head is not None and module is head) or parts[0] in HEAD_NAMES or parts[-1] in HEAD_NAMES:
+            out.add(name)
+    return out
 
 
 def shared_weight_owners(model: nn.Module) -> dict[str, list[str]]:
