@@ -284,7 +284,12 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
     selection = plan(model, config)
     found = {_from_peft_key(k): v for k, v in tensors.items()}
-    expected = expected_adapter_shapes(model, config, selection)
+    modules = dict(model.named_modules())
+    # PEFT saves the whole table of an adapted embedding by default (`save_embedding_layers`, for resized
+    # vocabularies); the key is optional and, as in PEFT, the saved table replaces the base's on load.
+    tables = {f"{n}.weight": tuple(modules[n].weight.shape) for n in selection.targets
+              if isinstance(modules[n], nn.Embedding) and f"{n}.weight" in found}
+    expected = expected_adapter_shapes(model, config, selection) | tables
     problems = [f"missing key {k!r} (shape {tuple(s)})" for k, s in expected.items() if k not in found]
     problems += [f"unexpected key {k!r}" for k in found if k not in expected]
     problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(s)}"
@@ -298,7 +303,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
             "from this model's; pass allow_base_mismatch=True to load it anyway")
     principal = _read_principal(Path(path), selection.targets) if config.init == "principal" else None
     inject(model, config, initialize=False)
-    params = adapter_parameters(model)
+    params = adapter_parameters(model) | {k: model.get_parameter(k) for k in tables}
     with torch.no_grad():
         for key, value in found.items():
             params[key].copy_(value.to(params[key].dtype))
@@ -334,6 +339,23 @@ def _rebuild_residual(model: nn.Module, config: LoraConfig, principal: dict[str,
         with torch.no_grad():
             module.weight.copy_(module.matrix_to_weight(residual))
         state.principal_init[name] = (a0, b0)
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights of the adapter at `path` into a model that already carries the same adapter (resuming a
+    run). Strict: the file's keys and shapes must equal the model's adapter parameters."""
+    _, tensors, _ = read_adapter(path)
+    found = {_from_peft_key(k): v for k, v in tensors.items()}
+    params = adapter_parameters(model)
+    problems = [f"missing key {k!r}" for k in params if k not in found]
+    problems += [f"unexpected key {k!r}" for k in found if k not in params]
+    problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(p.shape)}"
+                 for k, p in params.items() if k in found and found[k].shape != p.shape]
+    if problems:
+        raise LorakitError(f"adapter {str(path)!r} does not fit this model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(found[key].to(param.dtype))
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """lorakit against PEFT, the reference LoRA implementation: the same adapter weights give the same outputs and
 gradients, adapter files load both ways, and the principal (PiSSA) init and its conversion agree with PEFT's.
 
-Every case is spelled twice, once in lorakit's terms and once in PEFT's, so a test also checks that the mapping
-between the two configurations is the one we document.
+Every case is spelled twice, once in lorakit's terms and once in PEFT's, so a test also checks that the
+mapping between the two configurations is the one we document.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ RTOL = TOLERANCES[torch.float32][0]  # same weights and the same ops: outputs ag
 # A principal init subtracts s·B·A from W and the adapter adds it back; that round trip loses a few fp32 ulps
 # more than a plain forward, so invariants through a residual base are checked one decade looser.
 PRINCIPAL_RTOL = 10 * RTOL
-CHANGED = 1e-3  # an adapter whose output differs from the base by less than this would make a comparison vacuous
+CHANGED = 1e-3  # an adapter that changes the output less than this would make a comparison vacuous
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
 
@@ -120,7 +120,7 @@ def _paired(model: nn.Module, peft_model: nn.Module) -> list[tuple[str, nn.Param
 
 
 def _twins(case: Case, std: float = 0.1) -> tuple[nn.Module, nn.Module]:
-    """The same random base adapted by lorakit and by PEFT, holding the same random non-zero adapter weights."""
+    """The same random base adapted by lorakit and by PEFT, with the same random non-zero adapter weights."""
     model, peft_model = case.build(), peft.get_peft_model(case.build(), case.peft_config())
     inject(model, case.lorakit_config())
     _randomize(adapter_parameters(model), std)
@@ -134,7 +134,7 @@ def _assert_adapter_changes_output(model: nn.Module, base: nn.Module, ids: torch
     assert relative_error(_logits(model, ids), _logits(base, ids)) > CHANGED
 
 
-# ------------------------------------------------------------------------------------ same weights, same model
+# ----------------------------------------------------------------------------------- same weights, same model
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -164,7 +164,7 @@ def test_same_adapter_weights_give_peft_gradients(name, token_ids):
         assert relative_error(ours.grad, theirs.grad) <= RTOL, key
 
 
-# ----------------------------------------------------------------------------------------------- adapter files
+# ---------------------------------------------------------------------------------------------- adapter files
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -189,6 +189,23 @@ def test_peft_adapter_file_loads_in_lorakit_with_same_outputs(name, token_ids, t
     load_adapter(model, tmp_path)
     _assert_adapter_changes_output(model, case.build(), token_ids)
     assert relative_error(_logits(model, token_ids), _logits(peft_model, token_ids)) <= RTOL
+
+
+def test_embedding_table_in_peft_adapter_file_replaces_base_table_like_peft(token_ids, tmp_path):
+    # With an embedding among the targets PEFT also saves that layer's whole table (`save_embedding_layers`,
+    # for vocabularies grown during fine-tuning), and loading the file puts the table into the base model.
+    case = CASES["llama_embedding"]
+    peft_model = peft.get_peft_model(case.build(), case.peft_config())
+    _randomize(_peft_trainable(peft_model))
+    table = peft_model.base_model.model.model.embed_tokens.base_layer.weight
+    with torch.no_grad():
+        table[-8:].normal_(generator=torch.Generator().manual_seed(5))  # e.g. rows of newly added tokens
+    peft_model.save_pretrained(tmp_path)
+    model = case.build()
+    load_adapter(model, tmp_path)
+    assert torch.equal(model.model.embed_tokens.weight, table)
+    reference = peft.PeftModel.from_pretrained(case.build(), tmp_path)
+    assert relative_error(_logits(model, token_ids), _logits(reference, token_ids)) <= RTOL
 
 
 # ------------------------------------------------------------------------------------ principal init vs PiSSA
@@ -223,8 +240,9 @@ def test_principal_residual_base_weight_matches_peft_pissa(name):
     model, peft_model = _principal_twins(CASES[name])
     original = dict(CASES[name].build().named_modules())
     for module_name, module in lora_modules(model):
-        residual, residual_ref = module.weight.detach(), _peft_layer(peft_model, module_name).base_layer.weight
-        assert relative_error(residual, residual_ref.detach()) <= PRINCIPAL_RTOL, module_name
+        residual = module.weight.detach()
+        residual_ref = _peft_layer(peft_model, module_name).base_layer.weight.detach()
+        assert relative_error(residual, residual_ref) <= PRINCIPAL_RTOL, module_name
         assert relative_error(residual, original[module_name].weight.detach()) > CHANGED, module_name
 
 
@@ -254,7 +272,7 @@ def test_randomized_principal_residual_norm_is_within_2_percent_of_exact_pissa()
 def _simulate_training(model: nn.Module, std: float = 0.02) -> None:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for key, p in sorted(adapter_parameters(model).items()):
+        for _, p in sorted(adapter_parameters(model).items()):
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -267,7 +285,8 @@ def _load_converted(loader: str, base: nn.Module, path: Path) -> nn.Module:
 
 @pytest.mark.parametrize("loader", ["peft", "lorakit"])
 @pytest.mark.parametrize("name", ["llama", "llama_rslora", "llama_rank_alpha_pattern", "gpt2_conv1d"])
-def test_converted_principal_adapter_on_original_base_reproduces_trained_model(name, loader, token_ids, tmp_path):
+def test_converted_principal_adapter_on_original_base_reproduces_trained_model(name, loader, token_ids,
+                                                                               tmp_path):
     case = CASES[name]
     model = case.build()
     inject(model, case.lorakit_config(init="principal"))
@@ -321,9 +340,10 @@ def test_smollm2_same_adapter_weights_give_peft_outputs(smollm2):
 def test_minilm_classifier_same_adapter_weights_give_peft_outputs(minilm):
     base, tokenizer = minilm
     batch = tokenizer(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    targets, saved = ["query", "value"], ["classifier"]
     model, peft_model = _real_twins(
-        base, LoraConfig(rank=8, alpha=16, targets=["query", "value"], modules_to_save=["classifier"]),
-        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+        base, LoraConfig(rank=8, alpha=16, targets=targets, modules_to_save=saved),
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=saved))
     with torch.no_grad():
         ours, theirs, plain = (m(**batch).logits for m in (model, peft_model, base))
     assert relative_error(ours, plain) > CHANGED

@@ -1,0 +1,201 @@
+"""The command line: a table of subcommands, each parsing its flags and calling one library function.
+
+Known errors (bad input) print one line, `error: ...`, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="smollm2, minilm, a local model directory or a hub id")
+    parser.add_argument("--adapter", help="an adapter directory to apply (lorakit's or PEFT's)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="a string that ends the answer (repeatable)")
+    parser.add_argument("--seed", type=int)
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from lorakit.generation import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                          args.stop, args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.train.config import load_train_config
+    from lorakit.train.run import train_from_config
+
+    config = load_train_config(args.config, args.overrides)
+    summary = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    _print_table(summary.table())
+    print(json.dumps(summary.as_json()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorakit.train.config import load_train_config
+    from lorakit.train.run import evaluate_from_config
+
+    config = load_train_config(args.config, args.overrides)
+    metrics = evaluate_from_config(config, adapter=args.adapter)
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit.export import export_merged
+    from lorakit.train.run import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    out = export_merged(model, args.out, tokenizer)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorakit.generation import generate
+    from lorakit.train.run import load_for_inference
+
+    sampling = _sampling(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise LorakitError("no prompt: pass --prompt TEXT or write prompts to standard input, one per line")
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    for answer in generate(model, tokenizer, prompts, sampling, chat=not args.raw):
+        print(answer)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lorakit.generation import chat_prompt, generate
+    from lorakit.train.run import load_for_inference
+
+    sampling = _sampling(args)
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    history: list[dict[str, str]] = []
+    print("chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line.strip()})
+        prompt = chat_prompt(tokenizer, history)
+        answer = generate(model, tokenizer, [prompt], sampling, chat=False)[0]
+        history.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lorakit.io import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        _print_table([(k, str(v)) for k, v in info.items()])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorakit.demo import run_demo
+
+    result = run_demo(out_dir=Path(args.out), progress=not args.quiet, echo=print)
+    print(json.dumps(result))
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """transformers reports every newly initialised head and loading bar on stderr; keep the CLI's output ours."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "train": ("fine-tune an adapter from a YAML config (flags --section.key=value override it)", cmd_train),
+    "eval": ("score a base model or an adapter on a config's evaluation data", cmd_eval),
+    "merge": ("write a merged model directory that plain transformers loads", cmd_merge),
+    "generate": ("complete prompts with a model, with or without an adapter", cmd_generate),
+    "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
+    "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
+    "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation of pretrained transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=help_text, description=help_text)
+               for name, (help_text, _) in COMMANDS.items()}
+    for name in ("train", "eval"):
+        parsers[name].add_argument("config", help="a YAML file with sections model, data, lora, optim, run")
+        parsers[name].add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parsers["train"].add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parsers["train"].add_argument("--quiet", action="store_true", help="no progress bar")
+    parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the base model")
+    for name in ("merge", "generate", "chat"):
+        _add_model_flags(parsers[name])
+    parsers["merge"].add_argument("--out", required=True, help="directory for the merged model")
+    for name in ("generate", "chat"):
+        _add_sampling_flags(parsers[name])
+    parsers["generate"].add_argument("--prompt", action="append", help="a prompt (repeatable); else read stdin")
+    parsers["generate"].add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    parsers["inspect"].add_argument("adapter", help="an adapter directory")
+    parsers["inspect"].add_argument("--json", action="store_true", help="print one JSON object")
+    parsers["demo"].add_argument("--out", default="runs/demo", help="where the adapter and merged model go")
+    parsers["demo"].add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Unknown `--section.key=value` flags of train/eval are overrides, not argparse options.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("train", "eval") or any(not x.startswith("--") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_transformers()
+    try:
+        return COMMANDS[args.command][1](args)
+    except LorakitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input, full disk, permissions: name the file, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

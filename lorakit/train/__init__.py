@@ -1,0 +1,1 @@
+"""Training: config, data, tasks, the loop, checkpoints and metrics."""

@@ -1,0 +1,303 @@
+"""The training loop: plain PyTorch over the Task protocol, the same code for one process and for torchrun.
+
+Optimisation (AdamW, LoRA+ learning rate for B, warm-up then decay, accumulation, clipping, mixed precision),
+evaluation and early stopping, checkpoints and exact resume, and two guards: a non-finite loss stops the run,
+and adapters that received no gradient after the first step are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.inject import adapter_parameters, adapter_state
+from lorakit.io import load_adapter_weights
+from lorakit.layers import lora_modules
+from lorakit.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from lorakit.train.config import OptimSection, RunSection
+from lorakit.train.data import batch_indices
+from lorakit.train.metrics_log import MetricsLog
+from lorakit.train.task import Features, Task
+from lorakit.train.world import World
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LorakitError):
+    """The run cannot go on (non-finite loss, adapters without gradients); the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_metrics: dict[str, float]
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    out_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Position:
+    """Where the loop stands: optimizer steps done and the next micro-batch (epoch, index in the epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+    """AdamW with LoRA+ groups: B factors at lr x lora_plus_ratio; biases without weight decay."""
+    params = adapter_parameters(model)
+    b_ids = {id(m.lora_parameters()[1]) for _, m in lora_modules(model)}
+    groups: dict[str, list[nn.Parameter]] = {"a": [], "b": [], "no_decay": []}
+    for name, p in params.items():
+        key = "b" if id(p) in b_ids else "no_decay" if name.endswith("bias") or p.dim() < 2 else "a"
+        groups[key].append(p)
+    spec = [
+        {"params": groups["a"], "lr": optim.lr, "weight_decay": optim.weight_decay},
+        {"params": groups["b"], "lr": optim.lr * optim.lora_plus_ratio, "weight_decay": optim.weight_decay},
+        {"params": groups["no_decay"], "lr": optim.lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in spec if g["params"]])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then cosine or linear decay to 0 at `total_steps`, or constant."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        if optim.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if optim.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(num_examples: int, optim: OptimSection, world: World) -> int:
+    if optim.max_steps is not None:
+        return optim.max_steps
+    per_rank = math.ceil(num_examples / (optim.batch_size * world.size))
+    return max(1, math.ceil(per_rank * optim.epochs / optim.grad_accum))
+
+
+def _batches(task: Task, features: list[Features], optim: OptimSection, run: RunSection, world: World,
+             start: _Position) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index, example indices) from `start` on, forever; the order depends only on (seed, epoch)."""
+    lengths = [task.length(f) for f in features]
+    epoch = start.epoch
+    while True:
+        order = batch_indices(lengths, optim.batch_size, seed=run.seed, epoch=epoch,
+                              group_by_length=run.group_by_length, rank=world.rank, world_size=world.size)
+        if not order:
+            raise LorakitError("the training set is smaller than one batch per process; lower optim.batch_size")
+        first = start.batch if epoch == start.epoch else 0
+        for index in range(first, len(order)):
+            yield epoch, index, order[index]
+        epoch += 1
+
+
+def fit(model: nn.Module, task: Task, train_features: list[Features], eval_features: list[Features],
+        optim: OptimSection, run: RunSection, *, world: World | None = None, resume: bool = False,
+        progress: bool = False, device: torch.device | str = "cpu") -> TrainResult:
+    """Train the adapter of `model` (already injected) on `train_features`; see the module docstring."""
+    world = world or World()
+    out_dir = Path(run.out_dir)
+    model.to(device)
+    optimizer = build_optimizer(model, optim)
+    steps = total_steps(len(train_features), optim, world)
+    scheduler = build_scheduler(optimizer, optim, steps)
+    pos, history, best = _Position(), [], _Best(task.greater_is_better)
+    if resume:
+        pos, history, best = _resume(model, optimizer, scheduler, out_dir, best)
+    elif run.seed is not None:
+        torch.manual_seed(run.seed + world.rank)
+    metrics_log = MetricsLog(out_dir, enabled=world.is_main, truncate_after=pos.step if resume else 0)
+    autocast = _autocast(run.mixed_precision, device)
+    batches = _batches(task, train_features, optim, run, world, pos)
+    bar = _progress(progress and world.is_main, steps, pos.step)
+    model.train()
+    started, tokens, stopped_early, window_loss = time.perf_counter(), 0, False, []
+    metrics: dict[str, float] = {}
+    while pos.step < steps:
+        loss_value, batch_tokens = _accumulate(model, task, train_features, batches, optim, pos, autocast, device)
+        if pos.step == 0:
+            _check_gradients(model)
+        if optim.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in adapter_parameters(model).values()], optim.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        tokens += batch_tokens
+        window_loss.append(loss_value)
+        elapsed = time.perf_counter() - started
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if pos.step % run.log_every == 0 or pos.step == steps:
+            entry = {"step": pos.step, "loss": sum(window_loss) / len(window_loss),
+                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(elapsed, 1e-9),
+                     "elapsed_s": elapsed}
+            history.append(entry)
+            metrics_log.write(entry)
+            window_loss = []
+        evaluate_now = eval_features and (pos.step == steps or (run.eval_every and pos.step % run.eval_every == 0))
+        if evaluate_now:
+            metrics = _evaluate(model, task, eval_features, run, autocast)
+            improved = best.update(metrics[task.metric], pos.step)
+            entry = {"step": pos.step, **{f"eval_{k}": v for k, v in metrics.items()}}
+            history.append(entry)
+            metrics_log.write(entry)
+            log.info("step %d: %s", pos.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if run.early_stopping is not None and best.stale >= run.early_stopping:
+                stopped_early = True
+            if improved or stopped_early:
+                _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
+        if run.save_every and pos.step % run.save_every == 0 and world.is_main:
+            _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
+        if stopped_early:
+            log.info("early stopping at step %d: no improvement in %d evaluations", pos.step, best.stale)
+            break
+    _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
+    if bar is not None:
+        bar.close()
+    metrics_log.close()
+    return TrainResult(pos.step, time.perf_counter() - started, metrics, best.value, best.step, stopped_early,
+                       out_dir, history)
+
+
+def _accumulate(model: nn.Module, task: Task, features: list[Features], batches: Iterator[tuple[int, int, list[int]]],
+                optim: OptimSection, pos: _Position, autocast: Any, device: torch.device | str) -> tuple[float, int]:
+    """Run `grad_accum` micro-batches forward and backward; returns (mean loss, tokens)."""
+    total, tokens = 0.0, 0
+    for _ in range(optim.grad_accum):
+        epoch, index, indices = next(batches)
+        batch = {k: v.to(device) for k, v in task.collate([features[i] for i in indices]).items()}
+        with autocast:
+            loss = task.loss(model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index}); "
+                                "training stopped and the last good checkpoint is kept (lower optim.lr or set "
+                                "optim.clip_norm)")
+        (loss / optim.grad_accum).backward()
+        total += loss.item() / optim.grad_accum
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        pos.epoch, pos.batch = epoch, index + 1
+    return total, tokens
+
+
+def _check_gradients(model: nn.Module) -> None:
+    """The silent 'trained nothing' failure: adapter parameters that got no gradient from the first step."""
+    params = adapter_parameters(model)
+    dead = sorted({name.rsplit(".lora_", 1)[0] for name, p in params.items() if p.grad is None})
+    if dead:
+        shown = ", ".join(dead[:5]) + (f" and {len(dead) - 5} more" if len(dead) > 5 else "")
+        raise TrainingError(
+            f"{len(dead)} adapted modules received no gradient in the first step ({shown}); their output does not "
+            "reach the loss (a frozen module cut the graph, or reentrant activation checkpointing without inputs "
+            "that require grad)")
+
+
+class _Best:
+    def __init__(self, greater_is_better: bool):
+        self.greater, self.value, self.step, self.stale = greater_is_better, None, None, 0
+
+    def update(self, value: float, step: int) -> bool:
+        better = self.value is None or (value > self.value if self.greater else value < self.value)
+        if better:
+            self.value, self.step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        return better
+
+    def state(self) -> dict[str, Any]:
+        return {"value": self.value, "step": self.step, "stale": self.stale}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.value, self.step, self.stale = state["value"], state["step"], state["stale"]
+
+
+def _evaluate(model: nn.Module, task: Task, features: list[Features], run: RunSection, autocast: Any
+              ) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            return task.evaluate(model, features, run.eval_batch_size)
+    finally:
+        model.train()
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, pos: _Position,
+                history: list[dict[str, Any]], best: _Best, run: RunSection, world: World) -> None:
+    if not world.is_main:
+        return
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
+             "epoch": pos.epoch, "batch": pos.batch, "rng": rng_states(), "best": best.state(), "history": history}
+    save_checkpoint(Path(run.out_dir), pos.step, _unwrap(model), state)
+    prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
+
+
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, out_dir: Path, best: _Best
+            ) -> tuple[_Position, list[dict[str, Any]], _Best]:
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise LorakitError(f"nothing to resume: {out_dir} has no complete checkpoint (drop --resume to start anew)")
+    state = load_trainer_state(path)
+    load_adapter_weights(_unwrap(model), path / "adapter")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_states(state["rng"])
+    best.load(state["best"])
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return _Position(state["step"], state["epoch"], state["batch"]), list(state["history"]), best
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model) if not hasattr(model, "lorakit_state") else model
+
+
+def _autocast(mode: str, device: torch.device | str) -> Any:
+    device_type = torch.device(device).type
+    if mode == "no":
+        return nullcontext()
+    if mode == "fp16" and device_type != "cuda":
+        raise LorakitError("run.mixed_precision=fp16 needs a CUDA device; use bf16 on CPU or 'no'")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def describe_adapter(model: nn.Module) -> str:
+    return str(adapter_state(model).config)

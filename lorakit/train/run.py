@@ -1,0 +1,242 @@
+"""From a `TrainConfig` to a trained adapter: load the base, read and encode the data, inject, fit, save.
+
+This is what `lorakit train` and `lorakit eval` call; a Python user can call the same functions, or `fit`
+directly with a model and task of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_write_bytes, atomic_write_dir
+from lorakit.inject import InjectionReport, inject
+from lorakit.io import CONFIG_NAME, load_adapter, load_adapter_weights
+from lorakit.models import load_model, model_bytes
+from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import map_columns, read_records
+from lorakit.train.loop import TrainResult, fit
+from lorakit.train.metrics_log import plot_loss_curve
+from lorakit.train.task import Features, Task
+from lorakit.train.tasks import make_task, task_from_state
+from lorakit.train.world import World
+
+log = logging.getLogger(__name__)
+TASK_FILE = "task.json"
+_MODEL_TASK = {"classification": "sequence-classification", "instruction": "causal-lm"}
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    train: list[Features]
+    eval: list[Features]
+    report: InjectionReport
+
+
+@dataclass
+class TrainSummary:
+    """What a run produced, for the summary table, the JSON line and the results file."""
+
+    task: str
+    model: str
+    method: str
+    metric: str
+    value: float | None
+    trainable_params: int
+    total_params: int
+    steps: int
+    train_seconds: float
+    adapter_dir: str
+    adapter_bytes: int
+    loss_curve: str | None
+
+    def table(self) -> list[tuple[str, str]]:
+        value = "n/a" if self.value is None else f"{self.value:.4f}"
+        return [("task", self.task), ("model", self.model), ("method", self.method), (self.metric, value),
+                ("trainable", f"{self.trainable_params:,} of {self.total_params:,} "
+                              f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
+                ("steps", str(self.steps)), ("train seconds", f"{self.train_seconds:.1f}"),
+                ("adapter", f"{self.adapter_dir} ({self.adapter_bytes:,} bytes)"),
+                ("loss curve", self.loss_curve or "n/a")]
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval records, columns renamed to the task's fields; eval held out from train if no file."""
+    d = config.data
+    train = map_columns(read_records(d.train, format=d.format), d.columns, d.train)
+    if d.eval:
+        evaluation = map_columns(read_records(d.eval, format=d.format), d.columns, d.eval)
+    elif d.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(config.run.seed).shuffle(order)
+        cut = max(1, int(len(train) * d.eval_fraction))
+        evaluation, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    else:
+        evaluation = []
+    if d.train_limit is not None:
+        train = train[:d.train_limit]
+    if d.eval_limit is not None:
+        evaluation = evaluation[:d.eval_limit]
+    return train, evaluation
+
+
+def _task_options(config: TrainConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_length": config.data.max_length}
+    if config.data.task == "classification":
+        if "text_pair" in config.data.columns:
+            options["text_pair"] = "text_pair"
+        if config.data.labels is not None:
+            options["labels"] = config.data.labels
+    return options
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Load the base model, build the task, read and encode the data and inject the adapter."""
+    torch.manual_seed(config.run.seed)  # the new head's and the adapter's initial weights
+    _, tokenizer = load_model(config.model.name, task="causal-lm" if config.data.task == "instruction" else "base")
+    task = make_task(config.data.task, tokenizer, **_task_options(config))
+    train_records, eval_records = load_data(config, task)
+    num_labels = None
+    if hasattr(task, "fit_labels"):
+        num_labels = len(task.fit_labels(train_records))
+    model, _ = load_model(config.model.name, task=_MODEL_TASK[config.data.task], num_labels=num_labels,
+                          dtype=getattr(torch, config.model.dtype))
+    train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
+    lora = config.lora
+    heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
+    if heads:
+        lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
+    if config.run.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    report = inject(model, lora)
+    return Prepared(model, tokenizer, task, train_features, eval_features, report)
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise LorakitError(f"{type(model).__name__} does not support activation checkpointing; "
+                           "set run.activation_checkpointing=false")
+    # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen base's inputs do not
+    # require grad; the reentrant variant would silently train nothing.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bool = False,
+                      world: World | None = None) -> TrainSummary:
+    """Run a whole training job and write `out_dir/adapter` (the best checkpoint's adapter, or the last one)."""
+    world = world or World.from_env()
+    out_dir = Path(config.run.out_dir)
+    if not resume and list_checkpoints(out_dir):
+        raise LorakitError(f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another "
+                           "run.out_dir")
+    prepared = prepare(config)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    device = _device(config.run.device)
+    result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run,
+                 world=world, resume=resume, progress=progress, device=device)
+    adapter_dir = _publish_adapter(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
+    curve = plot_loss_curve(result.history, out_dir / "loss.png") if world.is_main else None
+    method = "lora-principal" if config.lora.init == "principal" else "lora"
+    metric_value = _best_metrics(result, prepared.task.metric)
+    return TrainSummary(
+        task=config.data.task, model=config.model.name, method=method, metric=prepared.task.metric,
+        value=metric_value, trainable_params=prepared.report.trainable_params,
+        total_params=prepared.report.total_params, steps=result.steps, train_seconds=result.seconds,
+        adapter_dir=str(adapter_dir), adapter_bytes=_dir_bytes(adapter_dir), loss_curve=str(curve) if curve else None)
+
+
+def _best_metrics(result: TrainResult, metric: str) -> float | None:
+    evals = [e for e in result.history if f"eval_{metric}" in e]
+    if result.best_step is not None:
+        evals = [e for e in evals if e["step"] == result.best_step] or evals
+    return evals[-1][f"eval_{metric}"] if evals else None
+
+
+def _publish_adapter(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
+    """Copy the best checkpoint's adapter (or the last) to `out_dir/adapter` with the task beside it, and load
+    those weights back into the model so the caller holds the published adapter."""
+    checkpoints = dict(list_checkpoints(out_dir))
+    step = result.best_step if result.best_step in checkpoints else max(checkpoints)
+    source = checkpoints[step] / "adapter"  # type: ignore[index]
+    load_adapter_weights(prepared.model, source)
+
+    def fill(tmp: Path) -> None:
+        for file in source.iterdir():
+            shutil.copy2(file, tmp / file.name)
+        (tmp / TASK_FILE).write_text(json.dumps(prepared.task.state(), indent=2) + "\n")
+
+    atomic_write_dir(out_dir / "adapter", fill)
+    return out_dir / "adapter"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("run.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def load_for_inference(model_name: str | None, adapter: str | Path | None = None
+                       ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A base model (by name, or the adapter's recorded base) with an optional adapter applied, in eval mode."""
+    task_state: dict[str, Any] | None = None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if (adapter / TASK_FILE).is_file():
+            task_state = json.loads((adapter / TASK_FILE).read_text())
+        if model_name is None and (adapter / CONFIG_NAME).is_file():
+            model_name = json.loads((adapter / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    model_name = model_name or "smollm2"
+    if task_state and task_state.get("task") == "classification":
+        model, tokenizer = load_model(model_name, task="sequence-classification",
+                                      num_labels=len(task_state["labels"]))
+    else:
+        model, tokenizer = load_model(model_name)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
+def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None) -> dict[str, float]:
+    """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data."""
+    model, tokenizer = load_for_inference(config.model.name, adapter)
+    state_file = Path(adapter) / TASK_FILE if adapter is not None else None
+    if state_file is not None and state_file.is_file():
+        task = task_from_state(tokenizer, json.loads(state_file.read_text()))
+    else:
+        task = make_task(config.data.task, tokenizer, **_task_options(config))
+    train_records, eval_records = load_data(config, task)
+    if not eval_records:
+        raise LorakitError("no evaluation data: set data.eval or data.eval_fraction")
+    if hasattr(task, "fit_labels"):
+        task.fit_labels(train_records)
+    features = task.encode(eval_records)
+    with torch.no_grad():
+        return task.evaluate(model, features, config.run.eval_batch_size)

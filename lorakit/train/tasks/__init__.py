@@ -1,0 +1,58 @@
+"""The tasks lorakit can train, by name: the table the config and the CLI choose from.
+
+    task = make_task("classification", tokenizer, text="sentence", labels=["0", "1"])
+    task = task_from_state(tokenizer, saved_state)      # the task saved beside an adapter, rebuilt
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from lorakit.errors import LorakitError, did_you_mean
+from lorakit.train.task import Task
+from lorakit.train.tasks.classification import SequenceClassification
+from lorakit.train.tasks.instruction import InstructionTuning
+
+TASKS: dict[str, type[SequenceClassification] | type[InstructionTuning]] = {
+    "classification": SequenceClassification,
+    "instruction": InstructionTuning,
+}
+
+__all__ = ["TASKS", "InstructionTuning", "SequenceClassification", "make_task", "task_from_state", "task_options"]
+
+
+def task_options(name: str) -> list[str]:
+    """The keyword options task `name` accepts (its constructor's parameters after the tokenizer)."""
+    parameters = inspect.signature(_task_class(name)).parameters
+    return [p for p in parameters if p != "tokenizer"]
+
+
+def make_task(name: str, tokenizer: PreTrainedTokenizerBase, **options: Any) -> Task:
+    """Build task `name` (a key of `TASKS`) around `tokenizer`; `options` are its keyword arguments.
+
+    Raises LorakitError for an unknown task or option, naming the known ones.
+    """
+    cls = _task_class(name)
+    allowed = task_options(name)
+    for option in options:
+        if option not in allowed:
+            raise LorakitError(f"unknown option {option!r} for task {name!r}{did_you_mean(option, allowed)}; "
+                               f"it takes: {', '.join(allowed)}")
+    return cls(tokenizer, **options)
+
+
+def task_from_state(tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -> Task:
+    """Rebuild a task from its `state()` (which names the task under "task")."""
+    name = state.get("task")
+    if not isinstance(name, str):
+        raise LorakitError(f"task state has no task name (keys: {', '.join(state)}); was it saved by lorakit?")
+    return _task_class(name).from_state(tokenizer, state)
+
+
+def _task_class(name: str) -> type[SequenceClassification] | type[InstructionTuning]:
+    if name not in TASKS:
+        raise LorakitError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
