@@ -46,3 +46,59 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 @pytest.fixture
 def token_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- training fixtures: a tiny local model on disk
+
+POSITIVE = ["a fine film", "great acting", "wonderful and moving", "a joy to watch", "superb story", "loved it"]
+NEGATIVE = ["a dull film", "bad acting", "boring and slow", "a waste of time", "awful story", "hated it"]
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from lorakit.models import load_model
+
+    return load_model("minilm")[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, minilm_tokenizer):
+    """A tiny BERT (random weights, MiniLM's tokenizer) saved as a local model directory."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    from transformers import BertModel
+
+    BertModel(config).save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sentiment_tsv(tmp_path):
+    """Train and dev TSV files of a toy sentiment task, SST-2's layout (sentence<TAB>label)."""
+    rows = [(s, 1) for s in POSITIVE] * 4 + [(s, 0) for s in NEGATIVE] * 4
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows[::4]))
+    return train, dev
+
+
+def write_config(path, model_dir, train, dev, out_dir, **sections):
+    """A small classification config as YAML; `sections` override keys, e.g. optim={"max_steps": 4}."""
+    import yaml
+
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": {"task": "classification", "train": str(train), "eval": str(dev),
+                 "columns": {"text": "sentence", "label": "label"}, "max_length": 16},
+        "lora": {"rank": 4, "alpha": 8, "targets": ["query", "value"], "dropout": 0.1},
+        "optim": {"lr": 1e-2, "batch_size": 8, "max_steps": 6, "warmup_steps": 1},
+        "run": {"out_dir": str(out_dir), "log_every": 1, "seed": 3},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path

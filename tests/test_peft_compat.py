@@ -139,7 +139,9 @@ def _assert_adapter_changes_output(model: nn.Module, base: nn.Module, ids: torch
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_adapter_parameters_are_peft_trainable_parameters(name):
-    model, peft_model = _twins(CASES[name])
+    case = CASES[name]
+    model, peft_model = case.build(), peft.get_peft_model(case.build(), case.peft_config())
+    inject(model, case.lorakit_config())
     ours = {_peft_name(k, model): tuple(p.shape) for k, p in adapter_parameters(model).items()}
     theirs = {k: tuple(p.shape) for k, p in _peft_trainable(peft_model).items()}
     assert ours == theirs
@@ -284,7 +286,7 @@ def _load_converted(loader: str, base: nn.Module, path: Path) -> nn.Module:
 
 
 @pytest.mark.parametrize("loader", ["peft", "lorakit"])
-@pytest.mark.parametrize("name", ["llama", "llama_rslora", "llama_rank_alpha_pattern", "gpt2_conv1d"])
+@pytest.mark.parametrize("name", PRINCIPAL_CASES)
 def test_converted_principal_adapter_on_original_base_reproduces_trained_model(name, loader, token_ids,
                                                                                tmp_path):
     case = CASES[name]

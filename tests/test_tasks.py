@@ -34,7 +34,7 @@ ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a co
           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "Five."}]
 
 
-def minilm_tokenizer() -> PreTrainedTokenizerBase:
+def load_minilm() -> PreTrainedTokenizerBase:
     if not MINILM.exists():
         pytest.skip(f"the MiniLM tokenizer is absent ({MINILM})")
     return AutoTokenizer.from_pretrained(str(MINILM))
@@ -42,13 +42,13 @@ def minilm_tokenizer() -> PreTrainedTokenizerBase:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerBase:
-    return minilm_tokenizer()
+    return load_minilm()
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer() -> PreTrainedTokenizerBase:
     """The MiniLM tokenizer with four turn markers and a minimal chat template."""
-    tok = minilm_tokenizer()
+    tok = load_minilm()
     tok.add_tokens(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -130,7 +130,7 @@ def test_classification_loss_and_evaluate_match_a_manual_computation(tokenizer: 
     predictions = logits.argmax(-1).tolist()
     metrics = task.evaluate(model.train(), features, batch_size=2)
     assert model.training  # evaluate restores the mode it found
-    assert metrics["accuracy"] == pytest.approx(sum(p == t for p, t in zip(predictions, [1, 0, 1])) / 3)
+    assert metrics["accuracy"] == pytest.approx(sum(p == t for p, t in zip(predictions, [1, 0, 1], strict=True)) / 3)
     assert metrics["macro_f1"] == pytest.approx(macro_f1(predictions, [1, 0, 1]))
     assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, batch["labels"]).item(), rel=1e-5)
 
@@ -181,7 +181,7 @@ def test_instruction_labels_mask_exactly_the_prompt(chat_tokenizer: PreTrainedTo
     task = InstructionTuning(chat_tokenizer)
     features = task.encode(ALPACA)
     end = chat_tokenizer.convert_tokens_to_ids("<|end|>")
-    for record, feature in zip(ALPACA, features):
+    for record, feature in zip(ALPACA, features, strict=True):
         prompt = task.prompt_ids(record)
         ids, labels = feature["input_ids"], feature["labels"]
         assert ids[:len(prompt)] == prompt

@@ -137,7 +137,7 @@ def _parse_table(rows: Any, file: Path, columns: Sequence[str] | None) -> list[d
             if len(row) != len(header):
                 raise LorakitError(f"{file} line {rows.line_num}: {len(row)} fields, but the header has "
                                    f"{len(header)} ({', '.join(header)}); fix the row or the delimiter")
-            records.append(dict(zip(header, row)))
+            records.append(dict(zip(header, row, strict=True)))
     except csv.Error as e:
         raise LorakitError(f"{file} line {rows.line_num}: malformed row ({e}); fix the file") from None
     return records

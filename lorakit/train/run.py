@@ -136,7 +136,8 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
                            "set run.activation_checkpointing=false")
     # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen base's inputs do not
     # require grad; the reentrant variant would silently train nothing.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
 

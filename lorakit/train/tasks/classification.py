@@ -98,6 +98,8 @@ class SequenceClassification:
 
     def encode(self, records: list[dict[str, Any]]) -> list[Features]:
         """Tokenise records into {"input_ids", ["token_type_ids"], "label": index into `labels`}."""
+        if not records:
+            return []
         index = {name: i for i, name in enumerate(self.fit_labels(records))}
         texts, pairs, targets = [], [], []
         for i, record in enumerate(records):
@@ -154,7 +156,7 @@ class SequenceClassification:
         finally:
             model.train(was_training)
         targets = [f["label"] for f in features]
-        correct = sum(p == t for p, t in zip(predictions, targets))
+        correct = sum(p == t for p, t in zip(predictions, targets, strict=True))
         return {"accuracy": correct / max(len(targets), 1), "macro_f1": macro_f1(predictions, targets),
                 "loss": total_loss / max(len(targets), 1)}
 
@@ -189,9 +191,9 @@ def macro_f1(predictions: list[int], targets: list[int]) -> float:
         return 0.0
     total = 0.0
     for c in classes:
-        tp = sum(p == c and t == c for p, t in zip(predictions, targets))
-        fp = sum(p == c and t != c for p, t in zip(predictions, targets))
-        fn = sum(p != c and t == c for p, t in zip(predictions, targets))
+        tp = sum(p == c and t == c for p, t in zip(predictions, targets, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(predictions, targets, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(predictions, targets, strict=True))
         total += 2 * tp / (2 * tp + fp + fn)
     return total / len(classes)
 

@@ -81,10 +81,11 @@ class InstructionTuning:
             full_ids = self._tokenize(responses)  # each response text is the whole templated conversation
         else:
             end = [self.tokenizer.eos_token_id] if isinstance(self.tokenizer.eos_token_id, int) else []
-            full_ids = [p + r + end for p, r in zip(prompt_ids, self._tokenize(responses, add_bos=False))]
+            outputs = self._tokenize(responses, add_bos=False)
+            full_ids = [p + r + end for p, r in zip(prompt_ids, outputs, strict=True)]
         features: list[Features] = []
         skipped: list[int] = []
-        for i, (prompt, full) in enumerate(zip(prompt_ids, full_ids)):
+        for i, (prompt, full) in enumerate(zip(prompt_ids, full_ids, strict=True)):
             if full[:len(prompt)] != prompt:
                 raise LorakitError(f"record {i}: the chat template's prompt does not tokenize as a prefix of the "
                                    f"whole conversation, so the response cannot be located (an output that "

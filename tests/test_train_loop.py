@@ -1,0 +1,134 @@
+"""The training loop end to end on a tiny local model: resume after SIGKILL, guards, reload of a classifier."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_config
+from safetensors.torch import load_file
+
+from lorakit.train.checkpoint import list_checkpoints, load_trainer_state
+from lorakit.train.config import load_train_config
+from lorakit.train.loop import TrainingError, fit
+from lorakit.train.run import evaluate_from_config, prepare, train_from_config
+
+WEIGHTS = "adapter/adapter_model.safetensors"
+
+
+def _run_cli(config: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config), "--quiet", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_after_checkpoint(out_dir: Path, config: Path, min_step: int, resume: bool) -> None:
+    proc = _run_cli(config, *(["--resume"] if resume else []))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        steps = [s for s, _ in list_checkpoints(out_dir)]
+        if steps and max(steps) >= min_step:
+            time.sleep(random.Random(min_step).uniform(0.0, 0.3))  # land anywhere: mid-step or mid-write
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_run_killed_three_times_and_resumed_ends_with_the_same_adapter(tmp_path, tiny_classifier_dir,
+                                                                      sentiment_tsv):
+    train, dev = sentiment_tsv
+    steps = {"max_steps": 12}
+    run = {"save_every": 1, "keep_last": 2}
+    straight = write_config(tmp_path / "a.yaml", tiny_classifier_dir, train, dev, tmp_path / "straight",
+                            optim=steps, run=run)
+    killed = write_config(tmp_path / "b.yaml", tiny_classifier_dir, train, dev, tmp_path / "killed",
+                          optim=steps, run=run)
+    assert _run_cli(straight).wait() == 0
+    for i, min_step in enumerate((2, 5, 8)):
+        _kill_after_checkpoint(tmp_path / "killed", killed, min_step, resume=i > 0)
+        assert list_checkpoints(tmp_path / "killed"), "a kill must leave a complete checkpoint"
+    proc = _run_cli(killed, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    expected = load_file(tmp_path / "straight" / WEIGHTS)
+    actual = load_file(tmp_path / "killed" / WEIGHTS)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-6)
+    history = [line for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(history) == 12  # one history: lines past a checkpoint were dropped on resume
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r"))
+    with pytest.raises(Exception, match="nothing to resume"):
+        train_from_config(config, resume=True)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv,
+                                            tmp_path / "r", run={"save_every": 1}))
+    prepared = prepare(config)
+    real_loss, calls = prepared.task.loss, []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss = real_loss(model, batch)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    prepared.task.loss = poisoned  # type: ignore[method-assign]
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3"):
+        fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    checkpoints = list_checkpoints(tmp_path / "r")
+    assert [s for s, _ in checkpoints] == [1, 2]
+    assert load_trainer_state(checkpoints[-1][1])["step"] == 2
+
+
+def test_adapters_without_gradient_are_an_error(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r"))
+    prepared = prepare(config)
+    # Cut the graph after every adapted `query` (as a detach in a custom block, or reentrant checkpointing over
+    # inputs that do not require grad, would): its adapter then trains nothing. The guard must say so at step 1.
+    for name, module in prepared.model.named_modules():
+        if name.endswith("attention.self.query"):
+            module.register_forward_hook(lambda _m, _i, out: out.detach())
+    with pytest.raises(TrainingError, match=r"2 adapted modules received no gradient.*attention.self.query"):
+        fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    assert not list_checkpoints(tmp_path / "r")
+
+
+def test_non_reentrant_activation_checkpointing_trains_the_adapters(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
+                                            run={"activation_checkpointing": True}, optim={"max_steps": 2}))
+    prepared = prepare(config)
+    before = {k: v.clone() for k, v in prepared.model.state_dict().items() if "lora_B" in k}
+    fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    after = prepared.model.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_reloaded_classifier_scores_what_it_scored_before_saving(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
+                                            optim={"max_steps": 10}, run={"eval_every": 5}))
+    summary = train_from_config(config)
+    assert summary.value is not None
+    metrics = evaluate_from_config(config, adapter=summary.adapter_dir)
+    assert metrics["accuracy"] == pytest.approx(summary.value, abs=0)
+    assert (Path(summary.adapter_dir) / "task.json").is_file()
+
+
+def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
+                                            optim={"max_steps": 40, "lr": 1e-9}, run={"eval_every": 1,
+                                                                                       "early_stopping": 2}))
+    prepared = prepare(config)
+    result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    assert result.stopped_early and result.steps < 40
