@@ -23,7 +23,7 @@ from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
 from lorakit.inject import InjectionReport, inject
 from lorakit.io import CONFIG_NAME, load_adapter, load_adapter_weights
-from lorakit.models import load_model, model_bytes
+from lorakit.models import load_model
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import map_columns, read_records
