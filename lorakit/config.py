@@ -68,12 +68,13 @@ class LoraConfig:
         out += _check_alpha("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
             out += _check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            out += _check_alpha(f"alpha_pattern[{key!r}]", value)
+        for key, alpha in self.alpha_pattern.items():
+            out += _check_alpha(f"alpha_pattern[{key!r}]", alpha)
         if not _is_number(self.dropout) or not 0.0 <= float(self.dropout) < 1.0:
             out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INIT_METHODS:
-            out.append(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}{did_you_mean(str(self.init), INIT_METHODS)}")
+            out.append(f"init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}"
+                       f"{did_you_mean(str(self.init), INIT_METHODS)}")
         if self.bias not in BIAS_MODES:
             out.append(f"bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         if self.svd_iters is not None and (type(self.svd_iters) is not int or self.svd_iters < 0):
@@ -116,7 +117,8 @@ class LoraConfig:
         unknown = [k for k in data if k not in known]
         if unknown:
             raise ConfigError(
-                [f"unknown LoRA config key {k!r}{did_you_mean(k, known)}; known keys: {', '.join(known)}" for k in unknown]
+                [f"unknown LoRA config key {k!r}{did_you_mean(k, known)}; known keys: {', '.join(known)}"
+                 for k in unknown]
             )
         return cls(**data)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_dir
@@ -20,7 +21,7 @@ def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTo
     config = getattr(model, "config", None)
     if config is None or not hasattr(type(model), "from_pretrained"):
         raise LorakitError("export_merged needs a transformers model; use merged_state_dict(model) for others")
-    plain = type(model)(config)
+    plain = cast(PreTrainedModel, type(model)(config))  # checked above: a transformers model class
     plain.load_state_dict(merged_state_dict(model), strict=True)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()

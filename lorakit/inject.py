@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,7 @@ def plan(model: nn.Module, config: LoraConfig) -> Selection:
 
 def fan_in_out(module: nn.Module) -> tuple[int, int]:
     """(fan_in, fan_out) of an adaptable module, in the ΔW = B @ A layout."""
-    w = module.weight
+    w: Tensor = module.weight  # type: ignore[assignment]
     if isinstance(module, nn.Linear):
         return w.shape[1], w.shape[0]
     if isinstance(module, nn.Embedding):
@@ -217,8 +218,8 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig, selection: Sel
     return out
 
 
-def _param_name(module: nn.Module, param: nn.Parameter, prefix: str) -> str:
-    for pname, p in module.named_parameters():
+def _param_name(module: LoraModule | nn.Module, param: nn.Parameter, prefix: str) -> str:
+    for pname, p in cast(nn.Module, module).named_parameters():
         if p is param:
             return f"{prefix}.{pname}"
     raise AssertionError("parameter not owned by module")

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -33,7 +33,7 @@ from lorakit.inject import (
     injection_report,
     plan,
 )
-from lorakit.layers import lora_modules
+from lorakit.layers import LoraModule, lora_modules
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def _principal_as_plain_lora(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _param_key(name: str, module: nn.Module, param: nn.Parameter) -> str:
-    return next(f"{name}.{k}" for k, p in module.named_parameters() if p is param)
+def _param_key(name: str, module: LoraModule | nn.Module, param: nn.Parameter) -> str:
+    return next(f"{name}.{k}" for k, p in cast(nn.Module, module).named_parameters() if p is param)
 
 
 def _peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doubled: bool) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def config_from_peft(data: dict[str, Any], source: str = CONFIG_NAME) -> LoraCon
             return [value] if value == "all-linear" else [f"re:{value}"]
         return list(value)
 
-    def keyed(mapping: dict[str, Any]) -> dict[str, Any]:
+    def keyed(mapping: dict[str, Any] | None) -> dict[str, Any]:
         return {rf"re:(.*\.)?({k})": v for k, v in (mapping or {}).items()}  # PEFT's get_pattern_key semantics
 
     return LoraConfig(

@@ -12,7 +12,7 @@ B: (fan_out, rank), so that one function (`lorakit.merge.delta_weight`) computes
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +70,14 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
                  fan_in_fan_out: bool = False):
         super().__init__()
-        self.weight = base.weight
-        self.bias = base.bias
+        self.weight: nn.Parameter = base.weight  # type: ignore[assignment]
+        self.bias: nn.Parameter | None = base.bias  # type: ignore[assignment]
         self.fan_in_fan_out = fan_in_fan_out
         fan_in, fan_out = (self.weight.shape if fan_in_fan_out else self.weight.shape[::-1])
         self.in_features, self.out_features = int(fan_in), int(fan_out)
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
         _zero_(self.lora_parameters())
@@ -116,7 +116,7 @@ class LoraLinear(nn.Module):
         return matrix.T if self.fan_in_fan_out else matrix
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_A.weight, self.lora_B.weight]
+        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight)]
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
@@ -134,7 +134,7 @@ class LoraEmbedding(nn.Module):
         self.norm_type, self.scale_grad_by_freq, self.sparse = base.norm_type, base.scale_grad_by_freq, base.sparse
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_embedding_A = nn.Parameter(torch.zeros(rank, self.num_embeddings, **factory))
         self.lora_embedding_B = nn.Parameter(torch.zeros(self.embedding_dim, rank, **factory))
 
@@ -188,9 +188,11 @@ class LoraConv(nn.Module):
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         conv_cls = type(base)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = conv_cls(base.in_channels, rank, base.kernel_size, base.stride, base.padding,  # type: ignore[arg-type]
-                               base.dilation, bias=False, **factory)
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        # Keyword arguments typed Any: the stubs type each class's geometry as fixed-length tuples, `base` as a union.
+        geometry: dict[str, Any] = {"kernel_size": base.kernel_size, "stride": base.stride, "padding": base.padding,
+                                    "dilation": base.dilation}
+        self.lora_A = conv_cls(base.in_channels, rank, **geometry, bias=False, **factory)
         self.lora_B = conv_cls(rank, base.out_channels, 1, 1, bias=False, **factory)
         _zero_(self.lora_parameters())
 
@@ -219,7 +221,7 @@ class LoraConv(nn.Module):
         return matrix.view(self.weight.shape)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [self.lora_A.weight, self.lora_B.weight]
+        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight)]
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"

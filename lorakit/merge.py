@@ -30,7 +30,8 @@ def _deltas(model: nn.Module) -> list[tuple[str, LoraModule, Tensor]]:
     for name, module in lora_modules(model):
         delta = delta_weight(module)
         if not torch.isfinite(delta).all():
-            raise LorakitError(f"ΔW of {name!r} has NaN or inf values; nothing was merged (check the adapter's training)")
+            raise LorakitError(f"ΔW of {name!r} has NaN or inf values; nothing was merged "
+                               "(check the adapter's training)")
         out.append((name, module, delta))
     return out
 

@@ -56,7 +56,8 @@ def test_bias_modes_choose_biases_structurally():
     model = tiny_bert()
     inject(model, LoraConfig(rank=2, targets=["query"], bias="lora_only"))
     biases = {n for n in adapter_parameters(model) if n.endswith("bias")}
-    assert biases == {"bert.encoder.layer.0.attention.self.query.bias", "bert.encoder.layer.1.attention.self.query.bias"}
+    assert biases == {"bert.encoder.layer.0.attention.self.query.bias",
+                      "bert.encoder.layer.1.attention.self.query.bias"}
     model = tiny_bert()
     inject(model, LoraConfig(rank=2, targets=["query"], bias="all"))
     biases = {n for n in adapter_parameters(model) if n.endswith("bias")}

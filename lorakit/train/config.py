@@ -236,8 +236,8 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, bool]:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
             return value, False
-        items = {k: _coerce(v, value_type) for k, v in value.items()}
-        return {k: v for k, (v, _) in items.items()}, all(ok for _, ok in items.values()) and all(
+        entries = {k: _coerce(v, value_type) for k, v in value.items()}
+        return {k: v for k, (v, _) in entries.items()}, all(ok for _, ok in entries.values()) and all(
             isinstance(k, str) for k in value)
     return value, True
 

@@ -132,6 +132,7 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     optimizer = build_optimizer(model, optim)
     steps = total_steps(len(train_features), optim, world)
     scheduler = build_scheduler(optimizer, optim, steps)
+    history: list[dict[str, Any]]
     pos, history, best = _Position(), [], _Best(task.greater_is_better)
     if resume:
         pos, history, best = _resume(model, optimizer, scheduler, out_dir, best)
@@ -225,6 +226,9 @@ def _check_gradients(model: nn.Module) -> None:
 
 
 class _Best:
+    value: float | None
+    step: int | None
+
     def __init__(self, greater_is_better: bool):
         self.greater, self.value, self.step, self.stale = greater_is_better, None, None, 0
 

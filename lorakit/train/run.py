@@ -136,10 +136,11 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
                            "set run.activation_checkpointing=false")
     # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen base's inputs do not
     # require grad; the reentrant variant would silently train nothing.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable: Any = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
-        model.config.use_cache = False
+        config: Any = model.config
+        config.use_cache = False
 
 
 def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bool = False,
