@@ -188,6 +188,14 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a training step updates: the adapter's parameters when the model has adapters, else every parameter
+    that requires grad (full fine-tuning, or a head trained alone)."""
+    if isinstance(getattr(model, "lorakit_state", None), AdapterState):
+        return adapter_parameters(model)
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def expected_adapter_shapes(model: nn.Module, config: LoraConfig, selection: Selection) -> dict[str, tuple[int, ...]]:
     """The keys and shapes `adapter_parameters` will have once `config` is injected, computed without injecting."""
     modules = dict(model.named_modules())

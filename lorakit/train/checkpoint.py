@@ -15,13 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_dir
-from lorakit.io import save_adapter
+from lorakit.inject import AdapterState, trainable_parameters
+from lorakit.io import load_adapter_weights, save_adapter
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
+ADAPTER_DIR = "adapter"
+TRAINABLE_FILE = "trainable.safetensors"  # runs without adapters (full fine-tuning, head only)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -44,11 +49,34 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
     path = Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
 
     def fill(tmp: Path) -> None:
-        save_adapter(model, tmp / "adapter")
+        save_weights(model, tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
     atomic_write_dir(path, fill)
     return path
+
+
+def save_weights(model: nn.Module, directory: Path) -> None:
+    """The trained weights: the adapter (PEFT layout) or, without adapters, every trainable tensor."""
+    if isinstance(getattr(model, "lorakit_state", None), AdapterState):
+        save_adapter(model, directory / ADAPTER_DIR)
+        return
+    tensors = {k: p.detach().cpu().contiguous() for k, p in trainable_parameters(model).items()}
+    save_file(tensors, directory / TRAINABLE_FILE)
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """The inverse of `save_weights`, strict about keys and shapes."""
+    if isinstance(getattr(model, "lorakit_state", None), AdapterState):
+        load_adapter_weights(model, directory / ADAPTER_DIR)
+        return
+    tensors = load_file(directory / TRAINABLE_FILE)
+    params = trainable_parameters(model)
+    if tensors.keys() != params.keys():
+        raise LorakitError(f"{directory / TRAINABLE_FILE} holds other parameters than this run trains")
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -59,7 +87,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / TRAINER_STATE).is_file() and (child / "adapter").is_dir():
+        if match and (child / TRAINER_STATE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 

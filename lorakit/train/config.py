@@ -65,7 +65,9 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    """eval_every / save_every: in optimizer steps (0: only at the end). keep_last: checkpoints kept besides the
+    """method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone) or
+    `full` (every parameter; the baseline LoRA is measured against).
+    eval_every / save_every: in optimizer steps (0: only at the end). keep_last: checkpoints kept besides the
     best. early_stopping: evaluations without improvement before stopping (None: never)."""
 
     out_dir: str = "runs/default"
@@ -77,6 +79,7 @@ class RunSection:
     log_every: int = 10
     eval_batch_size: int = 32
     group_by_length: bool = True
+    method: str = "lora"
     activation_checkpointing: bool = False
     mixed_precision: str = "no"
     device: str = "auto"
@@ -103,6 +106,7 @@ _CHOICES = {
     ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("run", "mixed_precision"): ("no", "bf16", "fp16"),
     ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "method"): ("lora", "head-only", "full"),
 }
 
 
@@ -264,7 +268,7 @@ def _value_problems(config: TrainConfig) -> list[str]:
                 ("run.log_every", r.log_every)]
     out += [f"{k} must be > 0, got {v!r}" for k, v in positive if v <= 0]
     non_negative = [("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
-                    ("run.eval_every", r.eval_every), ("run.save_every", r.save_every), ("run.keep_last", r.keep_last)]
+                    ("run.eval_every", r.eval_every), ("run.save_every", r.save_every)]
     out += [f"{k} must be >= 0, got {v!r}" for k, v in non_negative if v < 0]
     if o.max_steps is not None and o.max_steps <= 0:
         out.append(f"optim.max_steps must be > 0 or null, got {o.max_steps!r}")
@@ -272,6 +276,10 @@ def _value_problems(config: TrainConfig) -> list[str]:
         out.append(f"optim.clip_norm must be > 0 or null, got {o.clip_norm!r}")
     if not 0.0 <= d.eval_fraction < 1.0:
         out.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction!r}")
+    if r.keep_last < 1:
+        out.append(f"run.keep_last must be >= 1 (the newest checkpoint is what --resume needs), got {r.keep_last}")
+    if r.method == "head-only" and d.task != "classification":
+        out.append(f"run.method=head-only needs a task with a head (classification), got data.task={d.task!r}")
     if not d.train:
         out.append("data.train must name a data file or dataset")
     if r.early_stopping is not None and r.early_stopping <= 0:

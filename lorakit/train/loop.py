@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inject import adapter_parameters, adapter_state
-from lorakit.io import load_adapter_weights
+from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
 from lorakit.train.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
+    load_weights,
     prune_checkpoints,
     restore_rng_states,
     rng_states,
@@ -67,7 +67,7 @@ class _Position:
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
     """AdamW with LoRA+ groups: B factors at lr x lora_plus_ratio; biases without weight decay."""
-    params = adapter_parameters(model)
+    params = trainable_parameters(model)
     b_ids = {id(m.lora_parameters()[1]) for _, m in lora_modules(model)}
     groups: dict[str, list[nn.Parameter]] = {"a": [], "b": [], "no_decay": []}
     for name, p in params.items():
@@ -150,7 +150,7 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
         if pos.step == 0:
             _check_gradients(model)
         if optim.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in adapter_parameters(model).values()], optim.clip_norm)
+            torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()), optim.clip_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,7 +215,7 @@ def _accumulate(model: nn.Module, task: Task, features: list[Features], batches:
 
 def _check_gradients(model: nn.Module) -> None:
     """The silent 'trained nothing' failure: adapter parameters that got no gradient from the first step."""
-    params = adapter_parameters(model)
+    params = trainable_parameters(model)
     dead = sorted({name.rsplit(".lora_", 1)[0] for name, p in params.items() if p.grad is None})
     if dead:
         shown = ", ".join(dead[:5]) + (f" and {len(dead) - 5} more" if len(dead) > 5 else "")
@@ -273,7 +273,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     if path is None:
         raise LorakitError(f"nothing to resume: {out_dir} has no complete checkpoint (drop --resume to start anew)")
     state = load_trainer_state(path)
-    load_adapter_weights(_unwrap(model), path / "adapter")
+    load_weights(_unwrap(model), path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_states(state["rng"])
@@ -301,7 +301,3 @@ def _progress(enabled: bool, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def describe_adapter(model: nn.Module) -> str:
-    return str(adapter_state(model).config)

@@ -21,10 +21,10 @@ from transformers import PreTrainedTokenizerBase
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
-from lorakit.inject import InjectionReport, inject
-from lorakit.io import CONFIG_NAME, load_adapter, load_adapter_weights
+from lorakit.inject import AdapterState, InjectionReport, inject
+from lorakit.io import CONFIG_NAME, load_adapter
 from lorakit.models import load_model
-from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
@@ -126,8 +126,19 @@ def prepare(config: TrainConfig) -> Prepared:
         lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
     if config.run.activation_checkpointing:
         _enable_activation_checkpointing(model)
-    report = inject(model, lora)
+    if config.run.method == "lora":
+        report = inject(model, lora)
+    else:
+        report = _unfreeze(model, heads if config.run.method == "head-only" else None)
     return Prepared(model, tokenizer, task, train_features, eval_features, report)
+
+
+def _unfreeze(model: nn.Module, heads: list[str] | None) -> InjectionReport:
+    """Baselines without adapters: train the named head modules only, or (heads None) every parameter."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(heads is None or any(name.startswith(h + ".") for h in heads))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return InjectionReport([], heads or [], trainable, sum(p.numel() for p in model.parameters()))
 
 
 def _enable_activation_checkpointing(model: nn.Module) -> None:
@@ -136,8 +147,11 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
                            "set run.activation_checkpointing=false")
     # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen base's inputs do not
     # require grad; the reentrant variant would silently train nothing.
-    enable: Any = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     if hasattr(model, "config"):
         config: Any = model.config
         config.use_cache = False
@@ -158,9 +172,11 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bo
     device = _device(config.run.device)
     result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run,
                  world=world, resume=resume, progress=progress, device=device)
-    adapter_dir = _publish_adapter(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
+    adapter_dir = _publish(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
     curve = plot_loss_curve(result.history, out_dir / "loss.png") if world.is_main else None
-    method = "lora-principal" if config.lora.init == "principal" else "lora"
+    method = config.run.method
+    if method == "lora" and config.lora.init == "principal":
+        method = "lora-principal"
     metric_value = _best_metrics(result, prepared.task.metric)
     return TrainSummary(
         task=config.data.task, model=config.model.name, method=method, metric=prepared.task.metric,
@@ -176,21 +192,31 @@ def _best_metrics(result: TrainResult, metric: str) -> float | None:
     return evals[-1][f"eval_{metric}"] if evals else None
 
 
-def _publish_adapter(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
-    """Copy the best checkpoint's adapter (or the last) to `out_dir/adapter` with the task beside it, and load
-    those weights back into the model so the caller holds the published adapter."""
+def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
+    """Load the best checkpoint's weights (or the last) back into the model and publish them with the task
+    beside them: the adapter as `out_dir/adapter`, or, for runs without adapters, the whole model as
+    `out_dir/model` (a transformers directory)."""
     checkpoints = dict(list_checkpoints(out_dir))
     step = result.best_step if result.best_step in checkpoints else max(checkpoints)
-    source = checkpoints[step] / "adapter"  # type: ignore[index]
-    load_adapter_weights(prepared.model, source)
+    source = checkpoints[step]  # type: ignore[index]
+    load_weights(prepared.model, source)
+    task_json = json.dumps(prepared.task.state(), indent=2) + "\n"
+    if not isinstance(getattr(prepared.model, "lorakit_state", None), AdapterState):
+        def fill_model(tmp: Path) -> None:
+            prepared.model.save_pretrained(tmp)  # type: ignore[operator]
+            prepared.tokenizer.save_pretrained(tmp)
+            (tmp / TASK_FILE).write_text(task_json)
+
+        atomic_write_dir(out_dir / "model", fill_model)
+        return out_dir / "model"
 
     def fill(tmp: Path) -> None:
-        for file in source.iterdir():
+        for file in (source / ADAPTER_DIR).iterdir():
             shutil.copy2(file, tmp / file.name)
-        (tmp / TASK_FILE).write_text(json.dumps(prepared.task.state(), indent=2) + "\n")
+        (tmp / TASK_FILE).write_text(task_json)
 
-    atomic_write_dir(out_dir / "adapter", fill)
-    return out_dir / "adapter"
+    atomic_write_dir(out_dir / ADAPTER_DIR, fill)
+    return out_dir / ADAPTER_DIR
 
 
 def _dir_bytes(path: Path) -> int:
@@ -209,6 +235,8 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
                        ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A base model (by name, or the adapter's recorded base) with an optional adapter applied, in eval mode."""
     task_state: dict[str, Any] | None = None
+    if adapter is None and model_name is not None and (Path(model_name) / TASK_FILE).is_file():
+        task_state = json.loads((Path(model_name) / TASK_FILE).read_text())  # a published full fine-tune
     if adapter is not None:
         adapter = Path(adapter)
         if (adapter / TASK_FILE).is_file():
@@ -229,8 +257,9 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
 def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None) -> dict[str, float]:
     """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data."""
     model, tokenizer = load_for_inference(config.model.name, adapter)
-    state_file = Path(adapter) / TASK_FILE if adapter is not None else None
-    if state_file is not None and state_file.is_file():
+    source = Path(adapter) if adapter is not None else Path(config.model.name)
+    state_file = source / TASK_FILE
+    if state_file.is_file():
         task = task_from_state(tokenizer, json.loads(state_file.read_text()))
     else:
         task = make_task(config.data.task, tokenizer, **_task_options(config))
