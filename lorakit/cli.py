@@ -45,6 +45,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     summary = train_from_config(config, resume=args.resume, progress=not args.quiet)
     _print_table(summary.table())
+    if args.record:
+        from lorakit.train.results import record_result
+
+        command = " ".join(["lorakit", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])])
+        entry = {**summary.as_json(), "data": config.data.train,
+                 "trainable_pct": 100 * summary.trainable_params / max(summary.total_params, 1), "command": command}
+        record_result(entry, args.record)
     print(json.dumps(summary.as_json()))
     return 0
 
@@ -157,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("overrides", nargs="*", help="section.key=value overrides")
     parsers["train"].add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parsers["train"].add_argument("--quiet", action="store_true", help="no progress bar")
+    parsers["train"].add_argument("--record", metavar="JSON", help="append the result to this results file "
+                                  "(e.g. docs/results.json; the .md beside it is rewritten)")
     parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the base model")
     for name in ("merge", "generate", "chat"):
         _add_model_flags(parsers[name])
