@@ -112,3 +112,39 @@ def test_help_works_for_every_command(capsys):
             main([name, "--help"])
         assert exit_info.value.code == 0
         assert "usage: lorakit " + name in capsys.readouterr().out
+
+
+def test_merged_directory_loads_in_plain_transformers_with_the_adapted_outputs(tmp_path, tiny_classifier_dir,
+                                                                             sentiment_tsv, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.train.run import load_for_inference
+
+    config = _config(tmp_path, tiny_classifier_dir, *sentiment_tsv, optim={"max_steps": 3})
+    assert main(["train", config, "--quiet"]) == 0
+    adapter = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapter_dir"]
+    assert main(["merge", "--model", str(tiny_classifier_dir), "--adapter", adapter, "--out",
+                 str(tmp_path / "merged")]) == 0
+    adapted, tokenizer = load_for_inference(str(tiny_classifier_dir), adapter)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    batch = tokenizer(["a fine film", "bad acting"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_generate_and_chat_on_the_bundled_model(monkeypatch, capsys):
+    import io
+
+    assert main(["generate", "--model", "smollm2", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n\n"))
+    assert main(["chat", "--model", "smollm2", "--max-new-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_generate_rejects_bad_sampling_values(capsys):
+    assert main(["generate", "--prompt", "hi", "--top-p", "0"]) == 2
+    assert "top_p must be in (0, 1]" in _error_line(capsys)

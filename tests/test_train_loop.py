@@ -132,3 +132,35 @@ def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path, tiny_class
     prepared = prepare(config)
     result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
     assert result.stopped_early and result.steps < 40
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
+                                            run={"mixed_precision": "bf16"}, optim={"max_steps": 3}))
+    prepared = prepare(config)
+    before = {k: v.clone() for k, v in prepared.model.state_dict().items() if "lora_B" in k}
+    result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    assert all(e["loss"] == e["loss"] for e in result.history if "loss" in e)
+    after = prepared.model.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in before.items())
+    assert all(v.dtype == torch.float32 for v in after.values())  # autocast: weights stay fp32
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    small = load_train_config(write_config(tmp_path / "a.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "a",
+                                           optim={"max_steps": 2, "batch_size": 4, "grad_accum": 2},
+                                           run={"group_by_length": False}, lora={"dropout": 0.0}))
+    large = load_train_config(write_config(tmp_path / "b.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "b",
+                                           optim={"max_steps": 2, "batch_size": 8, "grad_accum": 1},
+                                           run={"group_by_length": False}, lora={"dropout": 0.0}))
+    trained = []
+    for config in (small, large):
+        prepared = prepare(config)
+        for module in prepared.model.modules():  # no dropout: the runs differ only in how the batch is split
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+        trained.append({k: v for k, v in prepared.model.state_dict().items() if "lora_" in k or "classifier" in k})
+    assert trained[0].keys() == trained[1].keys()
+    for key, value in trained[0].items():
+        torch.testing.assert_close(value, trained[1][key], rtol=1e-5, atol=1e-6)

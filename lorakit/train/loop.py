@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import distributed
 from lorakit.errors import LorakitError
 from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
@@ -129,13 +130,14 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     world = world or World()
     out_dir = Path(run.out_dir)
     model.to(device)
+    train_model = distributed.wrap(model, world, torch.device(device))  # DDP over the trainable parameters
     optimizer = build_optimizer(model, optim)
     steps = total_steps(len(train_features), optim, world)
     scheduler = build_scheduler(optimizer, optim, steps)
     history: list[dict[str, Any]]
     pos, history, best = _Position(), [], _Best(task.greater_is_better)
     if resume:
-        pos, history, best = _resume(model, optimizer, scheduler, out_dir, best)
+        pos, history, best = _resume(model, optimizer, scheduler, out_dir, best, world)
     elif run.seed is not None:
         torch.manual_seed(run.seed + world.rank)
     metrics_log = MetricsLog(out_dir, enabled=world.is_main, truncate_after=pos.step if resume else 0)
@@ -146,7 +148,11 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     started, tokens, stopped_early, window_loss = time.perf_counter(), 0, False, []
     metrics: dict[str, float] = {}
     while pos.step < steps:
-        loss_value, batch_tokens = _accumulate(model, task, train_features, batches, optim, pos, autocast, device)
+        loss_value, batch_tokens = _accumulate(train_model, task, train_features, batches, optim, pos, autocast,
+                                               device)
+        if world.size > 1:
+            loss_value, mean_tokens = distributed.all_reduce_mean([loss_value, float(batch_tokens)], world)
+            batch_tokens = int(mean_tokens * world.size)
         if pos.step == 0:
             _check_gradients(model)
         if optim.clip_norm is not None:
@@ -180,7 +186,7 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
                 stopped_early = True
             if improved or stopped_early:
                 _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
-        if run.save_every and pos.step % run.save_every == 0 and world.is_main:
+        if run.save_every and pos.step % run.save_every == 0:
             _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
         if stopped_early:
             log.info("early stopping at step %d: no improvement in %d evaluations", pos.step, best.stale)
@@ -195,18 +201,23 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
 
 def _accumulate(model: nn.Module, task: Task, features: list[Features], batches: Iterator[tuple[int, int, list[int]]],
                 optim: OptimSection, pos: _Position, autocast: Any, device: torch.device | str) -> tuple[float, int]:
-    """Run `grad_accum` micro-batches forward and backward; returns (mean loss, tokens)."""
+    """Run `grad_accum` micro-batches forward and backward; returns (mean loss, tokens). Under DDP, gradients
+    are synchronised once, on the last micro-batch."""
     total, tokens = 0.0, 0
-    for _ in range(optim.grad_accum):
+    for micro in range(optim.grad_accum):
         epoch, index, indices = next(batches)
         batch = {k: v.to(device) for k, v in task.collate([features[i] for i in indices]).items()}
-        with autocast:
-            loss = task.loss(model, batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index}); "
-                                "training stopped and the last good checkpoint is kept (lower optim.lr or set "
-                                "optim.clip_norm)")
-        (loss / optim.grad_accum).backward()
+        last = micro == optim.grad_accum - 1
+        sync_off = getattr(model, "no_sync", None)  # DDP: skip the all-reduce until the last micro-batch
+        no_sync = sync_off() if sync_off is not None and not last else nullcontext()
+        with no_sync:
+            with autocast:
+                loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index}); "
+                                    "training stopped and the last good checkpoint is kept (lower optim.lr or set "
+                                    "optim.clip_norm)")
+            (loss / optim.grad_accum).backward()
         total += loss.item() / optim.grad_accum
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
         pos.epoch, pos.batch = epoch, index + 1
@@ -259,31 +270,33 @@ def _evaluate(model: nn.Module, task: Task, features: list[Features], run: RunSe
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, pos: _Position,
                 history: list[dict[str, Any]], best: _Best, run: RunSection, world: World) -> None:
-    if not world.is_main:
-        return
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
-             "epoch": pos.epoch, "batch": pos.batch, "rng": rng_states(), "best": best.state(), "history": history}
-    save_checkpoint(Path(run.out_dir), pos.step, _unwrap(model), state)
-    prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
+    """Every rank calls this (its RNG state is gathered); rank 0 writes."""
+    rng = distributed.gather_objects(rng_states(), world)
+    if world.is_main:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
+                 "epoch": pos.epoch, "batch": pos.batch, "rng": rng, "world_size": world.size,
+                 "best": best.state(), "history": history}
+        save_checkpoint(Path(run.out_dir), pos.step, model, state)
+        prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
+    distributed.barrier(world)  # no rank runs ahead of a checkpoint it may resume from
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, out_dir: Path, best: _Best
-            ) -> tuple[_Position, list[dict[str, Any]], _Best]:
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, out_dir: Path, best: _Best,
+            world: World) -> tuple[_Position, list[dict[str, Any]], _Best]:
     path = latest_checkpoint(out_dir)
     if path is None:
         raise LorakitError(f"nothing to resume: {out_dir} has no complete checkpoint (drop --resume to start anew)")
     state = load_trainer_state(path)
-    load_weights(_unwrap(model), path)
+    if state.get("world_size", 1) != world.size:
+        raise LorakitError(f"{path} was written by {state.get('world_size', 1)} processes and this run has "
+                           f"{world.size}; resume with the same --nproc-per-node")
+    load_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng_states(state["rng"])
+    restore_rng_states(state["rng"][world.rank])
     best.load(state["best"])
     log.info("resumed from %s (step %d)", path, state["step"])
     return _Position(state["step"], state["epoch"], state["batch"]), list(state["history"]), best
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model) if not hasattr(model, "lorakit_state") else model
 
 
 def _autocast(mode: str, device: torch.device | str) -> Any:

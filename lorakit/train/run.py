@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lorakit import distributed
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
@@ -160,7 +161,17 @@ def _enable_activation_checkpointing(model: nn.Module) -> None:
 def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bool = False,
                       world: World | None = None) -> TrainSummary:
     """Run a whole training job and write `out_dir/adapter` (the best checkpoint's adapter, or the last one)."""
-    world = world or World.from_env()
+    device = _device(config.run.device)
+    world = world or distributed.init_world(device)
+    device = distributed.device_for(world, device)
+    try:
+        return _train(config, world, device, resume=resume, progress=progress)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(config: TrainConfig, world: World, device: torch.device, *, resume: bool, progress: bool
+           ) -> TrainSummary:
     out_dir = Path(config.run.out_dir)
     if not resume and list_checkpoints(out_dir):
         raise LorakitError(f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another "
@@ -169,7 +180,6 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bo
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
-    device = _device(config.run.device)
     result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run,
                  world=world, resume=resume, progress=progress, device=device)
     adapter_dir = _publish(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
