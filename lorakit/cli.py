@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.train.world import World
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, args.overrides)
     summary = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    if not World.from_env().is_main:  # under torchrun, rank 0 reports for the job
+        return 0
     _print_table(summary.table())
     if args.record:
         from lorakit.train.results import record_result
@@ -62,6 +65,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, args.overrides)
     metrics = evaluate_from_config(config, adapter=args.adapter)
+    if args.record:
+        from lorakit.train.results import record_result
+        from lorakit.train.tasks import TASKS
+
+        metric = TASKS[config.data.task].metric
+        command = " ".join(["lorakit", "eval", args.config, *args.overrides,
+                            *(["--adapter", args.adapter] if args.adapter else [])])
+        record_result({"task": config.data.task, "data": config.data.eval or config.data.train,
+                       "model": config.model.name, "method": "adapter" if args.adapter else "base",
+                       "metric": metric, "value": metrics[metric], "trainable_params": 0, "trainable_pct": 0.0,
+                       "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command}, args.record)
     print(json.dumps(metrics))
     return 0
 
@@ -167,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["train"].add_argument("--record", metavar="JSON", help="append the result to this results file "
                                   "(e.g. docs/results.json; the .md beside it is rewritten)")
     parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the base model")
+    parsers["eval"].add_argument("--record", metavar="JSON", help="append the result to this results file")
     for name in ("merge", "generate", "chat"):
         _add_model_flags(parsers[name])
     parsers["merge"].add_argument("--out", required=True, help="directory for the merged model")

@@ -14,7 +14,8 @@ from lorakit.errors import ConfigError
 @dataclass
 class SamplingConfig:
     """Greedy when temperature is 0; otherwise sampling with temperature, top-p (nucleus) and top-k.
-    `stop`: strings that end an answer (cut before the first one)."""
+    `stop`: strings that end an answer (cut before the first one). `num_beams` > 1: beam search (with
+    temperature 0; beam sampling otherwise), keeping that many hypotheses per prompt."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -23,6 +24,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    num_beams: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -36,6 +38,8 @@ class SamplingConfig:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            problems.append(f"num_beams must be an int >= 1, got {self.num_beams!r}")
         if problems:
             raise ConfigError(problems)
 
@@ -75,7 +79,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list
 
 def _generate_kwargs(sampling: SamplingConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, object]:
     kwargs: dict[str, object] = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
-                                 "repetition_penalty": sampling.repetition_penalty}
+                                 "repetition_penalty": sampling.repetition_penalty, "num_beams": sampling.num_beams}
     if sampling.temperature == 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

@@ -12,7 +12,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml
 
 
 def test_recipe_count():
-    assert len(RECIPES) == 3, [p.name for p in RECIPES]
+    assert len(RECIPES) == 6, [p.name for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -279,7 +279,7 @@ def test_smollm2_chat_template_masks_the_prompt() -> None:
 # --- registry ----------------------------------------------------------------------------------------------------
 
 def test_make_task_builds_each_registered_task(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    assert set(TASKS) == {"classification", "instruction"}
+    assert set(TASKS) == {"classification", "instruction", "ner", "qa"}
     task = make_task("classification", chat_tokenizer, text="sentence", labels=["0", "1"])
     assert (task.name, task.metric, task.greater_is_better) == ("classification", "accuracy", True)
     task = make_task("instruction", chat_tokenizer, max_length=64)

@@ -29,9 +29,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """task: `classification` or `instruction`. columns maps a task field (text, text_pair, label, instruction,
-    input, output) to a column of the data file. eval_fraction holds out that share of `train` when there is no
-    `eval` file."""
+    """task: `classification`, `instruction`, `ner` or `qa`. format: one of `lorakit.train.data.FORMATS` (default:
+    from the file's suffix), e.g. `conll`, `squad`, or `parallel` for translation pairs as instructions. columns maps
+    a task field (text, text_pair, label, instruction, input, output, tokens, tags) to a column of the data file.
+    eval_fraction holds out that share of `train` when there is no `eval` file. train_articles / eval_articles:
+    `[start, stop)` article indices to take from a `squad` file (a split by article: no context on both sides)."""
 
     task: str = "instruction"
     train: str = ""
@@ -43,6 +45,8 @@ class DataSection:
     eval_limit: int | None = None
     eval_fraction: float = 0.0
     labels: list[str] | None = None
+    train_articles: list[int] | None = None
+    eval_articles: list[int] | None = None
 
 
 @dataclass
@@ -102,7 +106,7 @@ _SECTION_TYPES = {"model": ModelSection, "data": DataSection, "lora": LoraConfig
                   "run": RunSection}
 _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("data", "task"): ("classification", "instruction"),
+    ("data", "task"): ("classification", "instruction", "ner", "qa"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("run", "mixed_precision"): ("no", "bf16", "fp16"),
     ("run", "device"): ("auto", "cpu", "cuda"),
@@ -278,10 +282,27 @@ def _value_problems(config: TrainConfig) -> list[str]:
         out.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction!r}")
     if r.keep_last < 1:
         out.append(f"run.keep_last must be >= 1 (the newest checkpoint is what --resume needs), got {r.keep_last}")
-    if r.method == "head-only" and d.task != "classification":
-        out.append(f"run.method=head-only needs a task with a head (classification), got data.task={d.task!r}")
+    if r.method == "head-only" and d.task == "instruction":
+        out.append(f"run.method=head-only needs a task with a head (classification, ner, qa), got "
+                   f"data.task={d.task!r}")
+    out += _article_problems(d)
     if not d.train:
         out.append("data.train must name a data file or dataset")
     if r.early_stopping is not None and r.early_stopping <= 0:
         out.append(f"run.early_stopping must be > 0 or null, got {r.early_stopping!r}")
+    return out
+
+
+def _article_problems(d: DataSection) -> list[str]:
+    out = []
+    sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))
+    for key, value, path in sides:
+        if value is None:
+            continue
+        if len(value) != 2 or not 0 <= value[0] < value[1]:
+            out.append(f"data.{key} must be [start, stop] with 0 <= start < stop, got {value!r}")
+        if d.format != "squad":
+            out.append(f"data.{key} needs data.format=squad, got data.format={d.format!r}")
+        if not path:
+            out.append(f"data.{key} needs data.{key.partition('_')[0]} to name the squad file")
     return out

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import LorakitError, did_you_mean
+from lorakit.train.readers import read_conll, read_parallel_spec, read_squad
 
 FORMATS: dict[str, str] = {
     "json": "a JSON list of objects (a file of one object per line is read as JSON Lines)",
@@ -28,8 +29,12 @@ FORMATS: dict[str, str] = {
     "csv": "comma-separated values with a header row",
     "tsv": "tab-separated values with a header row, no quoting",
     "hf": "a Hugging Face dataset directory saved with `save_to_disk`, or `hf:NAME[:CONFIG]` from the hub",
+    "conll": "CoNLL columns, one token per line, the tag last, blank lines between sentences (`read_conll`)",
+    "squad": "SQuAD v1.1 JSON, one record per question (`read_squad`)",
+    "parallel": "line-aligned text files named PREFIX.{SRC,TGT}, as translation instructions (`read_parallel`)",
 }
-_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+                             ".conll": "conll"}
 _HUB_PREFIX = "hf:"
 # Length grouping sorts examples inside windows of this many batches: wide enough that a batch holds similar
 # lengths, narrow enough that the order stays random across the epoch (the "megabatch" of fairseq/HF Trainer).
@@ -40,8 +45,9 @@ def read_records(path: str | Path, *, format: str | None = None, split: str = "t
                  columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Read a dataset into a list of records (one dict per example).
 
-    path: a local `.json`, `.jsonl`, `.csv` or `.tsv` file, a directory saved with `datasets`' `save_to_disk`,
-        or `hf:NAME` / `hf:NAME:CONFIG` for a dataset on the Hugging Face hub (needs the network).
+    path: a local `.json`, `.jsonl`, `.csv`, `.tsv` or `.conll` file, a directory saved with `datasets`'
+        `save_to_disk`, `hf:NAME` / `hf:NAME:CONFIG` for a dataset on the Hugging Face hub (needs the network),
+        or, with format `parallel`, two line-aligned files as `PREFIX.{SRC,TGT}`.
     format: one of `FORMATS`, overriding the one inferred from the suffix.
     split: the split to take from a hub dataset or a saved `DatasetDict`.
     columns: column names for a CSV/TSV file without a header row (default: the first row is the header).
@@ -55,6 +61,8 @@ def read_records(path: str | Path, *, format: str | None = None, split: str = "t
     text = str(path)
     if text.startswith(_HUB_PREFIX):
         records = _read_hub(text[len(_HUB_PREFIX):], split)
+    elif format == "parallel":
+        records = read_parallel_spec(text)
     else:
         file = Path(path).expanduser()
         if not file.exists():
@@ -81,6 +89,10 @@ def _read_local(file: Path, fmt: str, split: str, columns: Sequence[str] | None)
         return _read_saved(file, split)
     if file.is_dir():
         raise LorakitError(f"{file} is a directory, not a {fmt} file; give the file inside it")
+    if fmt == "conll":
+        return read_conll(file)
+    if fmt == "squad":
+        return read_squad(file)
     with open(file, encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops a byte-order mark (MRPC has one)
         if fmt == "json":
             return _parse_json(f.read(), file)

@@ -30,13 +30,15 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
 from lorakit.train.metrics_log import plot_loss_curve
+from lorakit.train.readers import read_squad
 from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task, task_from_state
 from lorakit.train.world import World
 
 log = logging.getLogger(__name__)
 TASK_FILE = "task.json"
-_MODEL_TASK = {"classification": "sequence-classification", "instruction": "causal-lm"}
+_MODEL_TASK = {"classification": "sequence-classification", "instruction": "causal-lm",
+               "ner": "token-classification", "qa": "question-answering"}
 
 
 @dataclass
@@ -82,9 +84,9 @@ class TrainSummary:
 def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and eval records, columns renamed to the task's fields; eval held out from train if no file."""
     d = config.data
-    train = map_columns(read_records(d.train, format=d.format), d.columns, d.train)
+    train = map_columns(_read(d.train, d.format, d.train_articles), d.columns, d.train)
     if d.eval:
-        evaluation = map_columns(read_records(d.eval, format=d.format), d.columns, d.eval)
+        evaluation = map_columns(_read(d.eval, d.format, d.eval_articles), d.columns, d.eval)
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.run.seed).shuffle(order)
@@ -99,13 +101,19 @@ def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], li
     return train, evaluation
 
 
+def _read(path: str, format: str | None, articles: list[int] | None) -> list[dict[str, Any]]:
+    """read_records, or the SQuAD articles [start, stop) of a squad file (the config checks the format)."""
+    if articles is not None:
+        return read_squad(path, articles=slice(*articles))
+    return read_records(path, format=format)
+
+
 def _task_options(config: TrainConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"max_length": config.data.max_length}
-    if config.data.task == "classification":
-        if "text_pair" in config.data.columns:
-            options["text_pair"] = "text_pair"
-        if config.data.labels is not None:
-            options["labels"] = config.data.labels
+    if config.data.task in ("classification", "ner") and config.data.labels is not None:
+        options["labels"] = config.data.labels
+    if config.data.task == "classification" and "text_pair" in config.data.columns:
+        options["text_pair"] = "text_pair"
     return options
 
 
@@ -254,9 +262,10 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
         if model_name is None and (adapter / CONFIG_NAME).is_file():
             model_name = json.loads((adapter / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     model_name = model_name or "smollm2"
-    if task_state and task_state.get("task") == "classification":
-        model, tokenizer = load_model(model_name, task="sequence-classification",
-                                      num_labels=len(task_state["labels"]))
+    if task_state and task_state.get("task") in ("classification", "ner", "qa"):  # a saved head needs its class
+        labels = task_state.get("labels")
+        model, tokenizer = load_model(model_name, task=_MODEL_TASK[task_state["task"]],
+                                      num_labels=len(labels) if labels else None)
     else:
         model, tokenizer = load_model(model_name)
     if adapter is not None:

@@ -1,7 +1,8 @@
 """The tasks lorakit can train, by name: the table the config and the CLI choose from.
 
     task = make_task("classification", tokenizer, text="sentence", labels=["0", "1"])
-    task = task_from_state(tokenizer, saved_state)      # the task saved beside an adapter, rebuilt
+    task = make_task("ner", tokenizer, max_length=128)       # also "instruction" and "qa"
+    task = task_from_state(tokenizer, saved_state)           # the task saved beside an adapter, rebuilt
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from lorakit.errors import LorakitError, did_you_mean
 from lorakit.train.task import Task
 from lorakit.train.tasks.classification import SequenceClassification
 from lorakit.train.tasks.instruction import InstructionTuning
+from lorakit.train.tasks.ner import TokenClassification
+from lorakit.train.tasks.qa import ExtractiveQA
 
-TASKS: dict[str, type[SequenceClassification] | type[InstructionTuning]] = {
+TaskClass = type[SequenceClassification] | type[InstructionTuning] | type[TokenClassification] | type[ExtractiveQA]
+TASKS: dict[str, TaskClass] = {
     "classification": SequenceClassification,
     "instruction": InstructionTuning,
+    "ner": TokenClassification,
+    "qa": ExtractiveQA,
 }
 
-__all__ = ["TASKS", "InstructionTuning", "SequenceClassification", "make_task", "task_from_state", "task_options"]
+__all__ = ["TASKS", "ExtractiveQA", "InstructionTuning", "SequenceClassification", "TokenClassification",
+           "make_task", "task_from_state", "task_options"]
 
 
 def task_options(name: str) -> list[str]:
@@ -52,7 +59,7 @@ def task_from_state(tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -
     return _task_class(name).from_state(tokenizer, state)
 
 
-def _task_class(name: str) -> type[SequenceClassification] | type[InstructionTuning]:
+def _task_class(name: str) -> TaskClass:
     if name not in TASKS:
         raise LorakitError(f"unknown task {name!r}{did_you_mean(name, TASKS)}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]

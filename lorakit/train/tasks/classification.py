@@ -81,20 +81,7 @@ class SequenceClassification:
     def head_modules(self, model: nn.Module) -> list[str]:
         """Top-level classifier modules: `classifier`/`score` (and DistilBERT's `pre_classifier`), else the
         top-level Linear with out_features == the number of labels. Checks the head's size against `labels`."""
-        children = dict(model.named_children())
-        found = [name for name in HEAD_NAMES if name in children]
-        if not found and self.labels is not None:
-            found = [name for name, module in children.items()
-                     if isinstance(module, nn.Linear) and module.out_features == len(self.labels)]
-        if not found:
-            raise LorakitError(f"no classifier head in {type(model).__name__} (no top-level "
-                               f"{' / '.join(HEAD_NAMES)}); load the model for sequence classification")
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if self.labels is not None and num_labels is not None and num_labels != len(self.labels):
-            raise LorakitError(f"{type(model).__name__} has {num_labels} outputs but the task has "
-                               f"{len(self.labels)} labels ({', '.join(self.labels)}); load it with "
-                               f"num_labels={len(self.labels)}")
-        return found
+        return classifier_head(model, self.labels, "sequence classification")
 
     def encode(self, records: list[dict[str, Any]]) -> list[Features]:
         """Tokenise records into {"input_ids", ["token_type_ids"], "label": index into `labels`}."""
@@ -181,6 +168,25 @@ class SequenceClassification:
         if not isinstance(value, str):
             raise LorakitError(f"record {i}: field {field!r} must be text, got {type(value).__name__} {value!r}")
         return value
+
+
+def classifier_head(model: nn.Module, labels: list[str] | None, kind: str) -> list[str]:
+    """The names of `model`'s top-level classifier modules (`HEAD_NAMES`, else a top-level Linear with one output
+    per label); raises LorakitError when there is none, or when the model's `num_labels` is not `len(labels)`.
+    `kind` ("sequence classification") names what to load the model for, in the error."""
+    children = dict(model.named_children())
+    found = [name for name in HEAD_NAMES if name in children]
+    if not found and labels is not None:
+        found = [name for name, module in children.items()
+                 if isinstance(module, nn.Linear) and module.out_features == len(labels)]
+    if not found:
+        raise LorakitError(f"no classifier head in {type(model).__name__} (no top-level "
+                           f"{' / '.join(HEAD_NAMES)}); load the model for {kind}")
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if labels is not None and num_labels is not None and num_labels != len(labels):
+        raise LorakitError(f"{type(model).__name__} has {num_labels} outputs but the task has "
+                           f"{len(labels)} labels ({', '.join(labels)}); load it with num_labels={len(labels)}")
+    return found
 
 
 def macro_f1(predictions: list[int], targets: list[int]) -> float:

@@ -72,6 +72,19 @@ class InstructionTuning:
         """The token ids of `record`'s prompt, ending where the model should start answering (not truncated)."""
         return self._tokenize([self._prompt_text(record, 0)])[0]
 
+    def generation_prompt(self, record: dict[str, Any], i: int = 0) -> tuple[str, bool]:
+        """(prompt, chat) for `lorakit.generation.generate(..., [prompt], chat=chat)` to continue where this task's
+        training prompt ends: the user turn when the tokenizer has a chat template (`generate` renders it with that
+        template: the same tokens), else the plain `### Instruction:` layout (with the special tokens the tokenizer
+        adds by default, where training puts only its BOS). Raises LorakitError for a system message with a chat
+        template (`generate` renders a user turn only)."""
+        if not self.uses_chat_template:
+            return self._prompt_text(record, i), False
+        if self.system:
+            raise LorakitError("generation from a chat template with a system message is not supported; "
+                               "drop system= or render the prompts yourself")
+        return self._user_text(record, i), True
+
     def encode(self, records: list[dict[str, Any]]) -> list[Features]:
         """-> {"input_ids": [...], "labels": [...]} with labels IGNORE on the prompt; see the class docstring."""
         prompts = [self._prompt_text(record, i) for i, record in enumerate(records)]
