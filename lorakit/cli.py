@@ -53,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         command = " ".join(["lorakit", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])])
         entry = {**summary.as_json(), "data": config.data.train,
-                 "trainable_pct": 100 * summary.trainable_params / max(summary.total_params, 1), "command": command}
+                 "trainable_pct": 100 * summary.trainable_params / max(summary.total_params, 1), "command": command,
+                 "note": args.note}
         record_result(entry, args.record)
     print(json.dumps(summary.as_json()))
     return 0
@@ -64,18 +65,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.run import evaluate_from_config
 
     config = load_train_config(args.config, args.overrides)
-    metrics = evaluate_from_config(config, adapter=args.adapter)
+    metrics = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
     if args.record:
         from lorakit.train.results import record_result
         from lorakit.train.tasks import TASKS
 
-        metric = TASKS[config.data.task].metric
+        metric = "bleu" if "bleu" in metrics else TASKS[config.data.task].metric
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
         record_result({"task": config.data.task, "data": config.data.eval or config.data.train,
                        "model": config.model.name, "method": "adapter" if args.adapter else "base",
                        "metric": metric, "value": metrics[metric], "trainable_params": 0, "trainable_pct": 0.0,
-                       "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command}, args.record)
+                       "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command,
+                       "note": args.note}, args.record)
     print(json.dumps(metrics))
     return 0
 
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(e.g. docs/results.json; the .md beside it is rewritten)")
     parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the base model")
     parsers["eval"].add_argument("--record", metavar="JSON", help="append the result to this results file")
+    parsers["eval"].add_argument("--num-beams", type=int, default=1, help="beam search for generation tasks")
+    for name in ("train", "eval"):
+        parsers[name].add_argument("--note", help="a remark stored with the recorded result")
     for name in ("merge", "generate", "chat"):
         _add_model_flags(parsers[name])
     parsers["merge"].add_argument("--out", required=True, help="directory for the merged model")

@@ -273,8 +273,10 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
     return model.eval(), tokenizer
 
 
-def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None) -> dict[str, float]:
-    """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data."""
+def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None, *, num_beams: int = 1
+                         ) -> dict[str, float]:
+    """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data.
+    Translation data (`data.format: parallel`) is scored by BLEU and chrF of greedy (or beam) generations."""
     model, tokenizer = load_for_inference(config.model.name, adapter)
     source = Path(adapter) if adapter is not None else Path(config.model.name)
     state_file = source / TASK_FILE
@@ -287,6 +289,13 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None)
         raise LorakitError("no evaluation data: set data.eval or data.eval_fraction")
     if hasattr(task, "fit_labels"):
         task.fit_labels(train_records)
+    if config.data.format == "parallel":  # translation: score generated text, not the teacher-forced loss
+        from lorakit.generation import SamplingConfig
+        from lorakit.train.tasks.translation import evaluate_generation, translation_scores
+
+        sampling = SamplingConfig(max_new_tokens=config.data.max_length // 2, num_beams=num_beams)
+        return evaluate_generation(model, tokenizer, eval_records, sampling, translation_scores,
+                                   batch_size=config.run.eval_batch_size)
     features = task.encode(eval_records)
     with torch.no_grad():
         return task.evaluate(model, features, config.run.eval_batch_size)
