@@ -56,7 +56,11 @@ def task_from_state(tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -
     name = state.get("task")
     if not isinstance(name, str):
         raise LorakitError(f"task state has no task name (keys: {', '.join(state)}); was it saved by lorakit?")
-    return _task_class(name).from_state(tokenizer, state)
+    options = {k: v for k, v in state.items() if k != "task"}
+    try:
+        return _task_class(name)(tokenizer, **options)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise LorakitError(f"bad {name} task state {sorted(options)}: {e}") from None
 
 
 def _task_class(name: str) -> TaskClass:

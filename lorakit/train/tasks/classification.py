@@ -54,15 +54,6 @@ class SequenceClassification:
         self.text, self.text_pair, self.label, self.max_length = text, text_pair, label, max_length
         self.labels: list[str] | None = [str(name) for name in labels] if labels is not None else None
 
-    @classmethod
-    def from_state(cls, tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -> SequenceClassification:
-        """Rebuild the task saved by `state()` (with an adapter) around `tokenizer`."""
-        options = {k: v for k, v in state.items() if k != "task"}
-        try:
-            return cls(tokenizer, **options)
-        except TypeError as e:
-            raise LorakitError(f"bad classification task state {sorted(options)}: {e}") from None
-
     def state(self) -> dict[str, Any]:
         return {"task": self.name, "labels": self.labels, "text": self.text, "text_pair": self.text_pair,
                 "label": self.label, "max_length": self.max_length}

@@ -52,15 +52,6 @@ class InstructionTuning:
         self.max_length, self.system = max_length, system
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
-    @classmethod
-    def from_state(cls, tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -> InstructionTuning:
-        """Rebuild the task saved by `state()` (with an adapter) around `tokenizer`."""
-        options = {k: v for k, v in state.items() if k != "task"}
-        try:
-            return cls(tokenizer, **options)
-        except TypeError as e:
-            raise LorakitError(f"bad instruction task state {sorted(options)}: {e}") from None
-
     def state(self) -> dict[str, Any]:
         return {"task": self.name, "instruction": self.instruction, "input": self.input, "output": self.output,
                 "max_length": self.max_length, "system": self.system}

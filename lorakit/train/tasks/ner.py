@@ -58,15 +58,6 @@ class TokenClassification:
         self.tokens, self.tags, self.max_length = tokens, tags, max_length
         self.labels: list[str] | None = [str(tag) for tag in labels] if labels is not None else None
 
-    @classmethod
-    def from_state(cls, tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -> TokenClassification:
-        """Rebuild the task saved by `state()` (with an adapter) around `tokenizer`."""
-        options = {k: v for k, v in state.items() if k != "task"}
-        try:
-            return cls(tokenizer, **options)
-        except TypeError as e:
-            raise LorakitError(f"bad ner task state {sorted(options)}: {e}") from None
-
     def state(self) -> dict[str, Any]:
         return {"task": self.name, "labels": self.labels, "tokens": self.tokens, "tags": self.tags,
                 "max_length": self.max_length}

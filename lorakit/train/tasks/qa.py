@@ -70,15 +70,6 @@ class ExtractiveQA:
         self.max_length, self.stride = max_length, stride
         self.n_best, self.max_answer_length = n_best, max_answer_length
 
-    @classmethod
-    def from_state(cls, tokenizer: PreTrainedTokenizerBase, state: dict[str, Any]) -> ExtractiveQA:
-        """Rebuild the task saved by `state()` (with an adapter) around `tokenizer`."""
-        options = {k: v for k, v in state.items() if k != "task"}
-        try:
-            return cls(tokenizer, **options)
-        except TypeError as e:
-            raise LorakitError(f"bad qa task state {sorted(options)}: {e}") from None
-
     def state(self) -> dict[str, Any]:
         return {"task": self.name, "max_length": self.max_length, "stride": self.stride, "n_best": self.n_best,
                 "max_answer_length": self.max_answer_length}
