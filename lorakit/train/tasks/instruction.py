@@ -16,17 +16,16 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 from lorakit.train.data import chunks, move_batch, pad
+from lorakit.train.lm_loss import IGNORE, causal_lm_loss
 from lorakit.train.task import Batch, Features
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of positions outside the loss (prompt and padding), as in torch's cross_entropy
 _PROMPT, _RESPONSE = "### Instruction:\n{user}\n\n### Response:\n", "{output}"
 
 
@@ -142,16 +141,11 @@ class InstructionTuning:
         return len(features["input_ids"])
 
     def _token_losses(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-        """(summed cross-entropy over supervised tokens, their count). Position t predicts token t + 1."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        targets = batch["labels"][:, 1:]  # (B, T-1)
-        supervised = targets != IGNORE
-        # Upcast only the supervised rows: a float32 copy of all (B, T, V) logits is the largest tensor in a step.
-        picked = logits[:, :-1][supervised].float()  # (N, V)
-        count = int(supervised.sum())
-        if count == 0:
+        """(summed cross-entropy over supervised tokens, their count). Position t predicts token t + 1. The
+        head runs on the supervised positions only, in chunks, so the (B, T, V) logits never exist."""
+        if not bool((batch["labels"][:, 1:] != IGNORE).any()):
             raise LorakitError("a batch has no response tokens to learn from; check the records' outputs")
-        return F.cross_entropy(picked, targets[supervised], reduction="sum"), count
+        return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def _user_text(self, record: dict[str, Any], i: int) -> str:
         instruction = _text(record, i, self.instruction)
