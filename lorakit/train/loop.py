@@ -148,19 +148,8 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     started, tokens, stopped_early, window_loss = time.perf_counter(), 0, False, []
     metrics: dict[str, float] = {}
     while pos.step < steps:
-        loss_value, batch_tokens = _accumulate(train_model, task, train_features, batches, optim, pos, autocast,
-                                               device)
-        if world.size > 1:
-            loss_value, mean_tokens = distributed.all_reduce_mean([loss_value, float(batch_tokens)], world)
-            batch_tokens = int(mean_tokens * world.size)
-        if pos.step == 0:
-            _check_gradients(model)
-        if optim.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()), optim.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pos.step += 1
+        loss_value, batch_tokens = _train_step(model, train_model, task, train_features, batches, optimizer,
+                                               scheduler, optim, pos, autocast, device, world)
         tokens += batch_tokens
         window_loss.append(loss_value)
         elapsed = time.perf_counter() - started
@@ -174,16 +163,9 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
             history.append(entry)
             metrics_log.write(entry)
             window_loss = []
-        evaluate_now = eval_features and (pos.step == steps or (run.eval_every and pos.step % run.eval_every == 0))
-        if evaluate_now:
-            metrics = _evaluate(model, task, eval_features, run, autocast)
-            improved = best.update(metrics[task.metric], pos.step)
-            entry = {"step": pos.step, **{f"eval_{k}": v for k, v in metrics.items()}}
-            history.append(entry)
-            metrics_log.write(entry)
-            log.info("step %d: %s", pos.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if run.early_stopping is not None and best.stale >= run.early_stopping:
-                stopped_early = True
+        if eval_features and (pos.step == steps or (run.eval_every and pos.step % run.eval_every == 0)):
+            metrics, improved, stopped_early = _evaluate_and_track(model, task, eval_features, run, autocast, best,
+                                                                   pos.step, history, metrics_log)
             if improved or stopped_early:
                 _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
         if run.save_every and pos.step % run.save_every == 0:
@@ -197,6 +179,40 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     metrics_log.close()
     return TrainResult(pos.step, time.perf_counter() - started, metrics, best.value, best.step, stopped_early,
                        out_dir, history)
+
+
+def _train_step(model: nn.Module, train_model: nn.Module, task: Task, features: list[Features],
+                batches: Iterator[tuple[int, int, list[int]]], optimizer: torch.optim.Optimizer, scheduler: Any,
+                optim: OptimSection, pos: _Position, autocast: Any, device: torch.device | str, world: World
+                ) -> tuple[float, int]:
+    """One optimizer step (forward and backward over `grad_accum` micro-batches, guards, clipping, update);
+    returns the loss and token count, averaged and summed over ranks."""
+    loss_value, batch_tokens = _accumulate(train_model, task, features, batches, optim, pos, autocast, device)
+    if world.size > 1:
+        loss_value, mean_tokens = distributed.all_reduce_mean([loss_value, float(batch_tokens)], world)
+        batch_tokens = int(mean_tokens * world.size)
+    if pos.step == 0:
+        _check_gradients(model)
+    if optim.clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()), optim.clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    pos.step += 1
+    return loss_value, batch_tokens
+
+
+def _evaluate_and_track(model: nn.Module, task: Task, features: list[Features], run: RunSection, autocast: Any,
+                        best: _Best, step: int, history: list[dict[str, Any]], metrics_log: MetricsLog
+                        ) -> tuple[dict[str, float], bool, bool]:
+    """Evaluate, log, and update the best metric; returns (metrics, improved, stop early)."""
+    metrics = _evaluate(model, task, features, run, autocast)
+    improved = best.update(metrics[task.metric], step)
+    entry = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+    history.append(entry)
+    metrics_log.write(entry)
+    log.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics, improved, run.early_stopping is not None and best.stale >= run.early_stopping
 
 
 def _accumulate(model: nn.Module, task: Task, features: list[Features], batches: Iterator[tuple[int, int, list[int]]],
