@@ -194,7 +194,8 @@ def _train_step(model: nn.Module, train_model: nn.Module, task: Task, features: 
     if pos.step == 0:
         _check_gradients(model)
     if optim.clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model).values()), optim.clip_norm)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                       optim.clip_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
