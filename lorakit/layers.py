@@ -12,6 +12,7 @@ B: (fan_out, rank), so that one function (`lorakit.merge.delta_weight`) computes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
@@ -91,7 +92,13 @@ class LoraLinear(nn.Module):
         out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
         return out.view(shape)
 
+    # Set on the instance by `lorakit.bank.per_row_adapters` for the length of its block: runs this module with a
+    # different adapter per batch row. The class default None means the module's own adapter.
+    _per_row: Callable[[LoraLinear, Tensor], Tensor] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._per_row is not None:
+            return self._per_row(self, x)
         out = self.base_forward(x)
         if self.merged:
             _refuse_training_while_merged(self)
