@@ -14,7 +14,7 @@ gradient, accumulated in place:
 
 W and b get gradients only when they require them (full fine-tuning through an adapted model). Used for
 `nn.Linear` bases whose factors share the base's dtype, without dropout (a dropout mask would be a second saved
-(N, in) tensor; that case keeps the autograd path).
+(N, in) tensor; that case keeps the autograd path), outside autocast (which picks each op's dtype itself).
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         scaling = self.scaling * self.scale
         no_dropout = isinstance(self.dropout, nn.Identity) or not self.training
-        if no_dropout and not self.fan_in_fan_out and x.dtype == self.weight.dtype == a.dtype == b.dtype:
+        same_dtype = x.dtype == self.weight.dtype == a.dtype == b.dtype
+        if no_dropout and same_dtype and not self.fan_in_fan_out and not torch.is_autocast_enabled(x.device.type):
             return lora_linear(x, self.weight, self.bias, a, b, scaling)
         out = self.base_forward(x)
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., rank)
