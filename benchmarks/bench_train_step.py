@@ -5,14 +5,17 @@
 The reference setting of the training-step performance issue: SmolLM2-135M-Instruct (`load_model("smollm2")`),
 a batch of 4 x 128 random token ids with labels = input ids (every next token supervised), rank 16, alpha 32 on
 every attention and MLP projection (`targets=["llama"]`, PEFT: the same seven module names), dropout 0, AdamW,
-fp32. Three steps, each on its own copy of the model:
+fp32. Four steps, each on its own copy of the model:
 
-    lorakit  zero_grad, `InstructionTuning.loss` (the chunked loss of lorakit.train.lm_loss), backward, AdamW step
-    peft     zero_grad, the PEFT model's own `labels=` loss (full logits), backward, AdamW step
-    forward  the frozen base model's forward under `torch.no_grad()`
+    lorakit       zero_grad, `InstructionTuning.loss` (the chunked loss of lorakit.train.lm_loss), backward, and
+                  the optimizer `lorakit.train.loop.build_optimizer` makes (AdamW, fused kernel)
+    lorakit_ckpt  the same with activation checkpointing (`enable_activation_checkpointing`, as
+                  `run.activation_checkpointing: true` does)
+    peft          zero_grad, the PEFT model's own `labels=` loss (full logits), backward, `torch.optim.AdamW`
+    forward       the frozen base model's forward under `torch.no_grad()`
 
-run A B C A B C ... after `--warmup` rounds (which also create the optimizers' state). Prints the median time of
-each, the ratios lorakit/PEFT and lorakit/forward, and one JSON line.
+All use lr 1e-4 and weight decay 0.01 (torch's AdamW default). Run A B C D A B C D ... after `--warmup` rounds
+(which also create the optimizers' state). Prints the median time of each, the ratios, and one JSON line.
 
 Peak memory of a step: free heap memory is handed back to the OS (`malloc_trim(0)`), the kernel's resident-set
 high-water mark is reset (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), and the figure is VmHWM after the step
@@ -38,6 +41,9 @@ import torch
 
 from lorakit import LoraConfig, inject
 from lorakit.models import load_model
+from lorakit.train.config import OptimSection
+from lorakit.train.loop import build_optimizer
+from lorakit.train.run import enable_activation_checkpointing
 from lorakit.train.tasks.instruction import InstructionTuning
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,7 +102,7 @@ class PeakMemory:
 
 def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int
           ) -> tuple[dict[str, Callable[[], float | None]], dict[str, torch.Tensor]]:
-    """The three steps as closures (each returns its loss, or None) over their own model copies."""
+    """The four steps as closures (each returns its loss, or None) over their own model copies."""
     import peft
 
     base, tokenizer = load_model("smollm2")
@@ -105,20 +111,24 @@ def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
+    optim = OptimSection(lr=1e-4, weight_decay=0.01)
     ours = copy.deepcopy(base).train()
     inject(ours, LoraConfig(rank=rank, alpha=alpha, targets=["llama"], dropout=0.0, seed=seed))
-    ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    ours_opt = build_optimizer(ours, optim)
+    ours_ckpt = copy.deepcopy(ours)
+    enable_activation_checkpointing(ours_ckpt)
+    ckpt_opt = build_optimizer(ours_ckpt, optim)
     task = InstructionTuning(tokenizer)
 
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0)).train()
     theirs_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
 
-    def lorakit_step() -> float:
-        ours_opt.zero_grad(set_to_none=True)
-        loss = task.loss(ours, batch)
+    def lorakit_step(model: torch.nn.Module = ours, opt: torch.optim.Optimizer = ours_opt) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
         loss.backward()
-        ours_opt.step()
+        opt.step()
         return loss.item()
 
     def peft_step() -> float:
@@ -132,12 +142,16 @@ def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int
         with torch.no_grad():
             base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    return {"lorakit": lorakit_step, "peft": peft_step, "forward": forward_step}, batch
+    def lorakit_ckpt_step() -> float:
+        return lorakit_step(ours_ckpt, ckpt_opt)
+
+    return {"lorakit": lorakit_step, "lorakit_ckpt": lorakit_ckpt_step, "peft": peft_step,
+            "forward": forward_step}, batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="measured rounds (each runs all three steps)")
+    parser.add_argument("--steps", type=int, default=5, help="measured rounds (each runs all four steps)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -154,7 +168,7 @@ def main() -> None:
     peaks: dict[str, list[int]] = {name: [] for name in steps}
     first_losses: dict[str, float | None] = {}
     for round_ in range(args.warmup + args.steps):
-        for name, step in steps.items():  # interleaved: lorakit peft forward lorakit peft forward ...
+        for name, step in steps.items():  # interleaved: A B C D A B C D ...
             result: list[float | None] = []
 
             def run(step: Callable[[], float | None] = step, result: list[float | None] = result) -> None:
@@ -175,7 +189,9 @@ def main() -> None:
     ratios = {"lorakit_over_peft": median["lorakit"] / median["peft"],
               "lorakit_over_forward": median["lorakit"] / median["forward"],
               "peft_over_forward": median["peft"] / median["forward"],
-              "lorakit_over_peft_peak_memory": peak_mb["lorakit"] / peak_mb["peft"]}
+              "lorakit_over_peft_peak_memory": peak_mb["lorakit"] / peak_mb["peft"],
+              "ckpt_over_peft_peak_memory": peak_mb["lorakit_ckpt"] / peak_mb["peft"],
+              "ckpt_over_lorakit_time": median["lorakit_ckpt"] / median["lorakit"]}
     for name in steps:
         print(f"median {name:8s} {median[name]:7.3f} s  peak +{peak_mb[name]:7.1f} MB  (n={len(times[name])})")
     print("  ".join(f"{key} {value:.2f}" for key, value in ratios.items()))

@@ -26,14 +26,21 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(x as (N, in), h = x Aᵀ (N, r), the output (N, out))."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, in)
+    h = flat @ a.T  # (N, r)
+    out = torch.addmm(bias, flat, weight.T) if bias is not None else flat @ weight.T  # (N, out)
+    out.addmm_(h, b.T, alpha=scaling)
+    return flat, h, out
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 scaling: float) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = flat @ a.T  # (N, r)
-        out = torch.addmm(bias, flat, weight.T) if bias is not None else flat @ weight.T  # (N, out)
-        out.addmm_(h, b.T, alpha=scaling)
+        flat, h, out = _forward(x, weight, bias, a, b, scaling)
         ctx.save_for_backward(flat, h, weight, a, b)
         ctx.scaling = scaling  # type: ignore[attr-defined]
         ctx.input_shape = x.shape  # type: ignore[attr-defined]
@@ -61,5 +68,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Te
     """`x Wᵀ + b + scaling · (x Aᵀ) Bᵀ` for x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r),
     all of one dtype; returns (..., out). Equal to the autograd composition to rounding, with fewer temporaries
     and fewer passes over (N, out) and (N, in) tensors in backward."""
-    out: Tensor = _LoraLinear.apply(x, weight, bias, a, b, scaling)
-    return out
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, b)):
+        out: Tensor = _LoraLinear.apply(x, weight, bias, a, b, scaling)
+        return out
+    # Inference: the same arithmetic without an autograd node (a decoding step is dominated by per-call costs).
+    return _forward(x, weight, bias, a, b, scaling)[2].view(*x.shape[:-1], weight.shape[0])

@@ -38,3 +38,16 @@ def test_lora_linear_computes_no_gradient_for_frozen_base():
     assert weight.grad is None
     assert a.grad is not None and torch.count_nonzero(a.grad) == 0  # B = 0: no signal reaches A yet
     assert b.grad is not None and torch.count_nonzero(b.grad) > 0
+
+
+def test_lora_linear_without_grad_equals_autograd_path():
+    gen = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(3, 4, 7, generator=gen), torch.randn(6, 7, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    a = torch.randn(2, 7, generator=gen, requires_grad=True)
+    b = torch.randn(6, 2, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        plain = lora_linear(x, weight, bias, a, b, 1.5)
+    tracked = lora_linear(x, weight, bias, a, b, 1.5)
+    assert plain.grad_fn is None and tracked.grad_fn is not None
+    assert torch.equal(plain, tracked.detach())

@@ -15,7 +15,7 @@ from lorakit import LoraConfig, inject
 from lorakit.layers import lora_modules
 from lorakit.train import lm_loss
 from lorakit.train.lm_loss import IGNORE, causal_lm_loss, chunked_cross_entropy
-from lorakit.train.run import _enable_activation_checkpointing
+from lorakit.train.run import enable_activation_checkpointing
 
 LOSS_RTOL = TOLERANCES[torch.float32][0]  # the same matmuls on fewer rows: fp32 roundoff
 # Gradients go through softmax - one_hot computed in place and a sum in another order: one decade looser.
@@ -102,7 +102,7 @@ def test_a_row_without_labels_adds_nothing() -> None:
 def test_gradients_match_with_activation_checkpointing(chunk_size: int) -> None:
     reference = lora_llama()
     model = lora_llama()
-    _enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model)
     ids, mask, labels = batch()
     expected = full_logits_loss(reference, ids, mask, labels)
     expected_grads = torch.autograd.grad(expected, list(trainable(reference).values()))

@@ -134,7 +134,7 @@ def prepare(config: TrainConfig) -> Prepared:
     if heads:
         lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
     if config.run.activation_checkpointing:
-        _enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     if config.run.method == "lora":
         report = inject(model, lora)
     else:
@@ -150,7 +150,9 @@ def _unfreeze(model: nn.Module, heads: list[str] | None) -> InjectionReport:
     return InjectionReport([], heads or [], trainable, sum(p.numel() for p in model.parameters()))
 
 
-def _enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward instead of keeping them (transformers' own
+    checkpointing, non-reentrant). Raises LorakitError for a model that does not support it."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LorakitError(f"{type(model).__name__} does not support activation checkpointing; "
                            "set run.activation_checkpointing=false")
