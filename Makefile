@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint venv clean
+SHELL := /bin/bash
+
+.PHONY: demo test test-slow lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +30,16 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The performance races against PEFT, the base model and full fine-tuning (docs/benchmarks.md), one after
+# another on a quiet machine; about 13 minutes on 2 cores. Logs and the JSON lines go to runs/bench/.
+BENCHMARKS := bench_train_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run
+bench: $(STAMP)
+	mkdir -p runs/bench
+	set -o pipefail; for b in $(BENCHMARKS); do \
+		echo "== $$b"; $(PY) benchmarks/$$b.py 2>&1 | grep -v -e '^warmup' -e '^round' -e '^Loading' | tee runs/bench/$$b.log || exit 1; \
+	done
+	grep -h '^{' runs/bench/*.log > runs/bench/results.jsonl
 
 lint: $(STAMP)
 	$(PY) -m ruff check lorakit tests

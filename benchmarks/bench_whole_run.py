@@ -1,6 +1,6 @@
 """A whole training run: the SST-2 recipe with LoRA against full fine-tuning of the same steps, one process.
 
-    .venv/bin/python benchmarks/bench_whole_run.py [--steps 60] [--rounds 5] [--warmup 1]
+    .venv/bin/python benchmarks/bench_whole_run.py [--steps 40] [--rounds 5] [--warmup 1]
 
 Each run is `lorakit.train.run.train_from_config` on recipes/sst2-minilm.yaml (MiniLM-L6, batch 32, 64 tokens,
 LoRA r=8 on all linear layers plus the new classifier head) stopped after `--steps` optimizer steps
@@ -33,7 +33,7 @@ METHODS = {"lora": [], "full": ["run.method=full", "optim.lr=5e-5"]}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (the recipe makes 250)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (the recipe makes 250)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_train_config
-    from lorakit.train.run import evaluate_from_config
+    from lorakit.train.run import evaluate_from_config, evaluated_method
 
     config = load_train_config(args.config, args.overrides)
     metrics = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
         record_result({"task": config.data.task, "data": config.data.eval or config.data.train,
-                       "model": config.model.name, "method": "adapter" if args.adapter else "base",
+                       "model": config.model.name, "method": evaluated_method(config.model.name, args.adapter),
                        "metric": metric, "value": metrics[metric], "trainable_params": 0, "trainable_pct": 0.0,
                        "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command,
                        "note": args.note}, args.record)

@@ -164,3 +164,23 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_classifier
     assert trained[0].keys() == trained[1].keys()
     for key, value in trained[0].items():
         torch.testing.assert_close(value, trained[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path):
+    import json
+
+    from lorakit.train.run import evaluated_method
+
+    def run_dir(name: str, method: str, init: str) -> Path:
+        out = tmp_path / name
+        (out / "adapter").mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"run": {"method": method}, "lora": {"init": init}}))
+        return out
+
+    assert evaluated_method("smollm2", run_dir("a", "lora", "principal") / "adapter") == "lora-principal"
+    assert evaluated_method("smollm2", run_dir("b", "lora", "standard") / "adapter") == "lora"
+    assert evaluated_method(str(run_dir("c", "full", "standard") / "adapter"), None) == "full"
+    stray = tmp_path / "elsewhere" / "adapter"
+    stray.mkdir(parents=True)
+    assert evaluated_method("smollm2", stray) == "adapter"
+    assert evaluated_method("smollm2", None) == "base"

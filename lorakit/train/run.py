@@ -275,6 +275,25 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
     return model.eval(), tokenizer
 
 
+def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
+    """What an evaluation scores, for the results table: the training method recorded by the run that wrote the
+    adapter or model (`lora`, `lora-principal`, `full`, `head-only`: read from the run's config.json next to
+    it), else `adapter` for an adapter from elsewhere and `base` for a model that no run here wrote."""
+    source = Path(adapter) if adapter is not None else Path(model_name)
+    run_config = source.parent / "config.json"
+    if source.is_dir() and run_config.is_file():
+        try:
+            saved = json.loads(run_config.read_text())
+            method, init = saved["run"]["method"], saved["lora"]["init"]
+        except (ValueError, KeyError, TypeError):
+            method = None
+        if method == "lora" and init == "principal":
+            return "lora-principal"
+        if isinstance(method, str):
+            return method
+    return "adapter" if adapter is not None else "base"
+
+
 def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None, *, num_beams: int = 1
                          ) -> dict[str, float]:
     """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data.
