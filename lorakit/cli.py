@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_train_config
-    from lorakit.train.run import evaluate_from_config, evaluated_method
+    from lorakit.train.run import evaluate_from_config, evaluated_method, result_task
 
     config = load_train_config(args.config, args.overrides)
     metrics = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metric = "bleu" if "bleu" in metrics else TASKS[config.data.task].metric
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
-        record_result({"task": config.data.task, "data": config.data.eval or config.data.train,
+        record_result({"task": result_task(config), "data": config.data.eval or config.data.train,
                        "model": config.model.name, "method": evaluated_method(config.model.name, args.adapter),
                        "metric": metric, "value": metrics[metric], "trainable_params": 0, "trainable_pct": 0.0,
                        "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command,

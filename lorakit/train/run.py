@@ -199,7 +199,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
         method = "lora-principal"
     metric_value = _best_metrics(result, prepared.task.metric)
     return TrainSummary(
-        task=config.data.task, model=config.model.name, method=method, metric=prepared.task.metric,
+        task=result_task(config), model=config.model.name, method=method, metric=prepared.task.metric,
         value=metric_value, trainable_params=prepared.report.trainable_params,
         total_params=prepared.report.total_params, steps=result.steps, train_seconds=result.seconds,
         adapter_dir=str(adapter_dir), adapter_bytes=_dir_bytes(adapter_dir), loss_curve=str(curve) if curve else None)
@@ -273,6 +273,11 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
     if adapter is not None:
         load_adapter(model, adapter)
     return model.eval(), tokenizer
+
+
+def result_task(config: TrainConfig) -> str:
+    """The task a result is filed under: `translation` for parallel text (trained as instruction tuning)."""
+    return "translation" if config.data.format == "parallel" else config.data.task
 
 
 def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
