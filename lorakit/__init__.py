@@ -2,8 +2,13 @@
 
     from lorakit import LoraConfig, inject, merge, save_adapter
     report = inject(model, LoraConfig(rank=16, alpha=32, targets=["llama"]))
+
+    bank = AdapterBank.from_adapters(model, {"math": "adapters/math", "chat": "adapters/chat"})
+    with per_row_adapters(model, bank, ["math", "chat", None]):  # one adapter per batch row, in one forward
+        logits = model(input_ids=ids).logits
 """
 
+from lorakit.bank import AdapterBank, per_row_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError, MergeStateError
 from lorakit.inject import InjectionReport, adapter_parameters, inject
@@ -13,9 +18,10 @@ from lorakit.merge import adapters_disabled, delta_weight, is_merged, merge, mer
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError", "adapter_parameters",
-    "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged", "load_adapter", "load_model",
-    "merge", "merged_state_dict", "save_adapter", "set_scale", "unmerge",
+    "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError",
+    "adapter_parameters", "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged",
+    "load_adapter", "load_model", "merge", "merged_state_dict", "per_row_adapters", "save_adapter", "set_scale",
+    "unmerge",
 ]
 
 
