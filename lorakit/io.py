@@ -32,6 +32,7 @@ from lorakit.inject import (
     inject,
     injection_report,
     plan,
+    subtract_principal,
 )
 from lorakit.layers import LoraModule, lora_modules
 
@@ -331,13 +332,10 @@ def _rebuild_residual(model: nn.Module, config: LoraConfig, principal: dict[str,
         log.warning("no %s: recomputing the principal init by SVD to rebuild the residual base", PRINCIPAL_NAME)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     for name, module in lora_modules(model):
-        if principal is not None:
-            a0, b0 = principal[name]
-        else:
-            a0, b0, _ = initial_factors(module, config, generator)
-        residual = module.weight_matrix().float() - module.scaling * (b0 @ a0)
-        with torch.no_grad():
-            module.weight.copy_(module.matrix_to_weight(residual))
+        # Without the file: the exact SVD gives the same factors as `inject` did; a randomized SVD draws a new
+        # sketch (adapter files keep no seed), so its factors are close to the trained ones, not equal.
+        a0, b0 = principal[name] if principal is not None else initial_factors(module, config, generator)
+        subtract_principal(module, a0, b0)
         state.principal_init[name] = (a0, b0)
 
 

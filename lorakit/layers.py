@@ -65,6 +65,18 @@ def _zero_(params: list[nn.Parameter]) -> None:
             p.zero_()
 
 
+def _zero_linear(in_features: int, out_features: int, factory: dict[str, Any]) -> nn.Linear:
+    """A bias-free `nn.Linear` with a zero weight (out_features, in_features), built without `nn.Linear.__init__`:
+    its Kaiming init would only be overwritten, and constructing the factors that way was about half of `inject`'s
+    time on SmolLM2 (210 modules)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory))
+    layer.register_parameter("bias", None)
+    return layer
+
+
 class LoraLinear(nn.Module):
     """LoRA on `nn.Linear` (weight (out, in)) or on transformers' GPT-2 `Conv1D` (weight (in, out),
     `fan_in_fan_out=True`)."""
@@ -80,9 +92,8 @@ class LoraLinear(nn.Module):
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
-        _zero_(self.lora_parameters())
+        self.lora_A = _zero_linear(self.in_features, rank, factory)
+        self.lora_B = _zero_linear(rank, self.out_features, factory)
 
     def base_forward(self, x: Tensor) -> Tensor:
         if not self.fan_in_fan_out:

@@ -57,23 +57,23 @@ def is_adaptable(module: nn.Module) -> bool:
 HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
 
 
-def output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> set[str]:
     """Names of the model's output projection (`lm_head`) and task heads (`classifier`, `score`, `qa_outputs`),
-    which `all-linear` skips."""
+    which `all-linear` skips. `modules`: `dict(model.named_modules())` where the caller has it."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     out = set()
-    for name, module in model.named_modules():
+    for name, module in (modules if modules is not None else dict(model.named_modules())).items():
         parts = name.split(".")
         if (head is not None and module is head) or parts[0] in HEAD_NAMES or parts[-1] in HEAD_NAMES:
             out.add(name)
     return out
 
 
-def shared_weight_owners(model: nn.Module) -> dict[str, list[str]]:
+def shared_weight_owners(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, list[str]]:
     """Module name -> other modules holding the same `weight` Parameter (tied embeddings)."""
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in (modules if modules is not None else dict(model.named_modules())).items():
         weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
         if weight is not None:
             owners.setdefault(id(weight), []).append(name)
@@ -88,15 +88,19 @@ class Selection:
     modules_to_save: list[str]
 
 
-def select_modules(model: nn.Module, targets: list[str], exclude: list[str], modules_to_save: list[str]
-                   ) -> Selection:
-    """Resolve patterns against `model`. Every problem is collected and raised at once as a `ConfigError`."""
-    modules = dict(model.named_modules())
+def select_modules(model: nn.Module, targets: list[str], exclude: list[str], modules_to_save: list[str], *,
+                   modules: dict[str, nn.Module] | None = None) -> Selection:
+    """Resolve patterns against `model`. Every problem is collected and raised at once as a `ConfigError`.
+
+    modules: `dict(model.named_modules())` where the caller has already walked the model.
+    """
+    if modules is None:
+        modules = dict(model.named_modules())
     names = [n for n in modules if n]
     adaptable = [n for n in names if is_adaptable(modules[n])]
     problems: list[str] = []
     chosen: set[str] = set()
-    expanded = _expand_presets(model, targets, adaptable)
+    expanded = _expand_presets(model, modules, targets, adaptable)
     for pattern in expanded:
         hits = [n for n in names if matches(pattern, n)]
         good = [n for n in hits if is_adaptable(modules[n])]
@@ -129,10 +133,10 @@ def select_modules(model: nn.Module, targets: list[str], exclude: list[str], mod
     return Selection(ordered, saved)
 
 
-def _expand_presets(model: nn.Module, targets: list[str], adaptable: list[str]) -> list[str]:
+def _expand_presets(model: nn.Module, modules: dict[str, nn.Module], targets: list[str], adaptable: list[str]
+                    ) -> list[str]:
     out: list[str] = []
-    heads = output_head_names(model)
-    modules = dict(model.named_modules())
+    heads = output_head_names(model, modules)
     for pattern in targets:
         if pattern == "all-linear":
             out += [n for n in adaptable if isinstance(modules[n], LINEAR_TYPES) and n not in heads]
@@ -154,7 +158,7 @@ def _no_match_message(pattern: str, names: list[str], adaptable: list[str]) -> s
 def _structural_problems(model: nn.Module, modules: dict[str, nn.Module], targets: list[str],
                          saved: list[str]) -> list[str]:
     problems: list[str] = []
-    shared = shared_weight_owners(model)
+    shared = shared_weight_owners(model, modules)
     for name in targets + saved:
         if name in shared:
             problems.append(

@@ -59,10 +59,12 @@ def test_principal_init_runs_in_fp32_for_bf16_weights():
     assert a.dtype == b.dtype == residual.dtype == torch.float32
 
 
-def test_randomized_svd_residual_is_within_two_percent_of_exact():
+def test_oversampled_randomized_svd_residual_is_within_two_percent_of_exact():
+    # A smooth spectrum with no gap at the rank, where a sketch of only `rank` columns (the default) converges
+    # slowly; 8 extra columns make two iterations enough.
     w = _low_rank_plus_noise(300, 200, 40)
     _, _, exact = lora_init.principal(w, 16, 1.0)
-    _, _, fast = lora_init.principal(w, 16, 1.0, svd_iters=2, generator=torch.Generator().manual_seed(0))
+    _, _, fast = lora_init.principal(w, 16, 1.0, svd_iters=2, oversample=8, generator=torch.Generator().manual_seed(0))
     assert fast.norm() <= exact.norm() * 1.02
 
 
@@ -71,3 +73,71 @@ def test_randomized_svd_recovers_singular_values_of_a_low_rank_matrix():
     _, s_exact, _ = torch.linalg.svd(w)
     _, s_fast, _ = lora_init.randomized_svd(w, 10, iters=3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(s_fast, s_exact[:10], rtol=1e-3, atol=1e-4)
+
+
+def _rank_r_approximation(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """U S Vh: the same whatever sign each singular pair (u_i, v_i) came out with."""
+    return (u * s[..., None, :]) @ vh
+
+
+@pytest.mark.parametrize("shape", [(120, 90), (90, 120)], ids=["tall", "wide"])
+def test_randomized_svd_of_a_batch_equals_the_svd_of_each_matrix(shape):
+    # Rank-8 signal under small noise: a clear gap after the 8th singular value, so different sketches agree.
+    batch = torch.stack([_low_rank_plus_noise(*shape, 8, seed=seed, noise=1e-3) for seed in range(3)])
+    u, s, vh = lora_init.randomized_svd(batch, 8, iters=3, generator=torch.Generator().manual_seed(0))
+    assert u.shape == (3, shape[0], 8) and s.shape == (3, 8) and vh.shape == (3, 8, shape[1])
+    for i in range(3):
+        u_i, s_i, vh_i = lora_init.randomized_svd(batch[i], 8, iters=3, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(s[i], s_i, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_rank_r_approximation(u[i], s[i], vh[i]), _rank_r_approximation(u_i, s_i, vh_i),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+def test_randomized_svd_returns_orthonormal_singular_vectors(shape):
+    w = _low_rank_plus_noise(*shape, 40)
+    u, _, vh = lora_init.randomized_svd(w, 16, iters=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(u.T @ u, torch.eye(16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(16), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("svd_iters", [None, 4], ids=["exact", "randomized"])
+def test_principal_init_of_a_batch_matches_each_matrix(svd_iters):
+    batch = torch.stack([_low_rank_plus_noise(60, 50, 6, seed=seed, noise=1e-3) for seed in range(3)])
+    a, b, residual = lora_init.principal(batch, 6, 2.0, svd_iters=svd_iters,
+                                         generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 6, 50) and b.shape == (3, 60, 6) and residual.shape == batch.shape
+    for i in range(3):
+        a_i, b_i, residual_i = lora_init.principal(batch[i], 6, 2.0, svd_iters=svd_iters,
+                                                   generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(residual[i], residual_i, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[i] @ a[i], b_i @ a_i, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(residual + 2.0 * (b @ a), batch, rtol=1e-5, atol=1e-5)
+
+
+def _weight_like(m: int, n: int, seed: int, spikes: int = 8) -> torch.Tensor:
+    """A few large singular values over a random bulk, the shape of a trained projection's spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, spikes, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(n, spikes, generator=g)).Q
+    return (u * torch.linspace(8, 3, spikes)) @ v.T + torch.randn(m, n, generator=g) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+def test_randomized_principal_residual_of_a_batch_is_within_two_percent_of_exact(shape):
+    # The default sketch (`rank` columns, no oversampling) with the 4 iterations of the reference setting.
+    batch = torch.stack([_weight_like(*shape, seed=seed) for seed in range(4)])
+    exact = lora_init.principal(batch, 16, 1.0)[2].norm(dim=(-2, -1))  # (4,)
+    fast = lora_init.principal(batch, 16, 1.0, svd_iters=4, generator=torch.Generator().manual_seed(0))[2]
+    ratio = fast.norm(dim=(-2, -1)) / exact
+    assert (ratio >= 1 - 1e-5).all(), ratio  # the exact SVD leaves the smallest residual (Eckart-Young)
+    assert (ratio <= 1.02).all(), ratio
+
+
+def test_principal_factors_are_principal_without_the_residual():
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    a, b, residual = lora_init.principal(w, 6, 2.0)
+    a_only, b_only = lora_init.principal_factors(w, 6, 2.0)
+    assert torch.equal(a, a_only) and torch.equal(b, b_only)
+    torch.testing.assert_close(lora_init.residual(w, a, b, 2.0), w - 2.0 * (b @ a), rtol=1e-6, atol=1e-6)
+    assert torch.equal(lora_init.residual(w, a, b, 2.0), residual)

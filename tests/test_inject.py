@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
 
 from lorakit import LoraConfig, LorakitError, adapter_parameters, inject
+from lorakit import init as lora_init
 from lorakit.errors import ConfigError
 from lorakit.layers import LoraEmbedding, LoraLinear, lora_modules
 
@@ -129,3 +131,68 @@ def test_seeded_injection_is_reproducible():
     inject(second, LoraConfig(rank=4, seed=7))
     for (_, a), (_, b) in zip(lora_modules(first), lora_modules(second), strict=True):
         assert torch.equal(a.factors()[0], b.factors()[0])
+
+
+def test_seeded_standard_init_draws_a_in_target_order_from_the_config_seed():
+    model = tiny_llama()
+    report = inject(model, LoraConfig(rank=4, targets=["llama"], seed=3))
+    generator = torch.Generator().manual_seed(3)
+    modules = dict(lora_modules(model))
+    for name in report.adapted:
+        a, b = modules[name].factors()
+        a_ref, _ = lora_init.standard(4, a.shape[1], b.shape[0], generator=generator)
+        assert torch.equal(a, a_ref), name
+        assert torch.count_nonzero(b) == 0, name
+
+
+@pytest.mark.parametrize("svd_iters", [None, 4], ids=["exact", "randomized"])
+def test_principal_init_turns_the_base_weight_into_the_residual_in_place(svd_iters):
+    model, original = tiny_llama(), dict(tiny_llama().named_modules())
+    weights = {name: m.weight for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
+    inject(model, LoraConfig(rank=4, targets=["q_proj", "down_proj"], init="principal", svd_iters=svd_iters, seed=0))
+    for name, module in lora_modules(model):
+        assert module.weight is weights[name]  # the base's own Parameter, updated in place
+        a, b = module.factors()
+        w = original[name].weight.detach()
+        torch.testing.assert_close(module.weight.detach(), w - module.scaling * (b @ a), rtol=1e-6, atol=1e-6)
+        if svd_iters is None:
+            a_ref, b_ref, _ = lora_init.principal(w, 4, module.scaling)
+            assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+
+
+def test_randomized_principal_init_is_reproducible_from_its_seed():
+    # Loading an adapter saved without its initial factors recomputes them; that needs the same draws.
+    first, second = tiny_llama(), tiny_llama()
+    for model in (first, second):
+        inject(model, LoraConfig(rank=4, targets=["llama"], init="principal", svd_iters=2, seed=5))
+    for (name, a), (_, b) in zip(lora_modules(first), lora_modules(second), strict=True):
+        assert torch.equal(a.weight, b.weight), name
+        assert all(torch.equal(x, y) for x, y in zip(a.factors(), b.factors(), strict=True)), name
+
+
+def test_principal_init_of_a_bf16_model_rounds_the_fp32_residual_once():
+    model, original = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    inject(model, LoraConfig(rank=4, targets=["v_proj"], init="principal"))
+    reference = dict(original.named_modules())
+    for name, module in lora_modules(model):
+        a, b, residual = lora_init.principal(reference[name].weight, 4, module.scaling)
+        assert module.weight.dtype == torch.bfloat16
+        assert torch.equal(module.weight, residual.to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_principal_init_of_a_conv_writes_the_residual_into_its_weight(memory_format):
+    # A channels-last weight flattens to a copy, not a view: the residual must still reach the weight itself.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, kernel_size=3), nn.ReLU(), nn.Conv2d(8, 4, kernel_size=1))
+    model = model.to(memory_format=memory_format)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    inject(model, LoraConfig(rank=2, targets=["0", "2"], init="principal"))
+    for name, module in lora_modules(model):
+        a, b, residual = lora_init.principal(original[f"{name}.weight"].flatten(1), 2, module.scaling)
+        torch.testing.assert_close(module.weight.detach().flatten(1), residual, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,9 @@ def _cases():
     return {
         "linear": (LoraLinear(linear, 2, 1.5, SCALING), torch.randn(3, 4, 6)),
         "gpt2_conv1d": (LoraLinear(conv1d_gpt2, 2, 1.5, SCALING, fan_in_fan_out=True), torch.randn(3, 4, 6)),
-        "embedding": (LoraEmbedding(embedding, 2, 1.5, SCALING), torch.randint(0, 11, (3, 4))),
+        # Ids other than padding_idx 0: at a padding position B still receives gradient through A's row (as in
+        # PEFT), which the formula's single table with a frozen padding row does not model.
+        "embedding": (LoraEmbedding(embedding, 2, 1.5, SCALING), torch.randint(1, 11, (3, 4))),
         "conv1d": (LoraConv(conv1d, 2, 1.5, SCALING), torch.randn(2, 3, 8)),
         "conv2d": (LoraConv(conv2d, 2, 1.5, SCALING), torch.randn(2, 3, 7, 7)),
     }
@@ -130,3 +132,14 @@ def test_dropout_applies_to_the_adapter_path_only():
         third, fourth = module(x), module(x)
     assert not torch.equal(first, second)
     assert torch.equal(third, fourth)
+
+
+def test_linear_factors_are_bias_free_linears_that_start_at_zero():
+    module = LoraLinear(nn.Linear(6, 5).to(torch.float64), 2, 1.5, SCALING)
+    for layer, (fan_in, fan_out) in ((module.lora_A, (6, 2)), (module.lora_B, (2, 5))):
+        assert type(layer) is nn.Linear and layer.bias is None
+        assert (layer.in_features, layer.out_features) == (fan_in, fan_out)
+        assert layer.weight.shape == (fan_out, fan_in) and layer.weight.dtype == torch.float64
+        assert layer.weight.requires_grad and torch.count_nonzero(layer.weight) == 0
+        assert layer(torch.ones(3, fan_in, dtype=torch.float64)).shape == (3, fan_out)
+    assert set(module.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}

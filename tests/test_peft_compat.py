@@ -259,7 +259,10 @@ def test_principal_init_leaves_output_unchanged(name, implementation, token_ids)
 
 def test_randomized_principal_residual_norm_is_within_2_percent_of_exact_pissa():
     case = CASES["llama"]
-    model, peft_model = _principal_twins(case, svd_iters=4, seed=0)
+    # The tiny model's random weights have a flat spectrum (0.26, 0.24, 0.24, 0.23, ... for gate_proj), the worst
+    # case for a sketch of exactly `rank` columns (lorakit's default, as PEFT's pissa_niter_N): 4 iterations leave
+    # 1-5% depending on the seed; 16 bring every module within 2% for every seed tried.
+    model, peft_model = _principal_twins(case, svd_iters=16, seed=0)
     for module_name, module in lora_modules(model):
         exact = _peft_layer(peft_model, module_name).base_layer.weight.detach().norm()
         randomized = module.weight.detach().norm()
