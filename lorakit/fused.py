@@ -68,7 +68,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Te
     """`x Wᵀ + b + scaling · (x Aᵀ) Bᵀ` for x (..., in), W (out, in), b (out,) or None, A (r, in), B (out, r),
     all of one dtype; returns (..., out). Equal to the autograd composition to rounding, with fewer temporaries
     and fewer passes over (N, out) and (N, in) tensors in backward."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, b)):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or a.requires_grad or b.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         out: Tensor = _LoraLinear.apply(x, weight, bias, a, b, scaling)
         return out
     # Inference: the same arithmetic without an autograd node (a decoding step is dominated by per-call costs).

@@ -91,6 +91,8 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = int(fan_in), int(fan_out)
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._no_dropout = dropout == 0
+        self._plain_linear = not fan_in_fan_out  # the fused path of lorakit.fused applies
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = _zero_linear(self.in_features, rank, factory)
         self.lora_B = _zero_linear(rank, self.out_features, factory)
@@ -116,12 +118,12 @@ class LoraLinear(nn.Module):
             return self.base_forward(x)
         if self.scale == 0.0:
             return self.base_forward(x)
-        a, b = self.lora_A.weight, self.lora_B.weight
+        weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         scaling = self.scaling * self.scale
-        no_dropout = isinstance(self.dropout, nn.Identity) or not self.training
-        same_dtype = x.dtype == self.weight.dtype == a.dtype == b.dtype
-        if no_dropout and same_dtype and not self.fan_in_fan_out and not torch.is_autocast_enabled(x.device.type):
-            return lora_linear(x, self.weight, self.bias, a, b, scaling)
+        # Every attribute read here costs: a decoding step runs this 200 times for one token.
+        if (self._plain_linear and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
+                == b.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return lora_linear(x, weight, self.bias, a, b, scaling)
         out = self.base_forward(x)
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., rank)
         if out.dtype != b.dtype:  # a low-precision base under fp32 factors
