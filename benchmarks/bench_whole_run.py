@@ -40,6 +40,10 @@ def main() -> None:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
     logging.getLogger("lorakit").setLevel(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the load report of the new classifier head, once per run
+    transformers.logging.disable_progress_bar()
 
     wall: dict[str, list[float]] = {m: [] for m in METHODS}
     loop: dict[str, list[float]] = {m: [] for m in METHODS}
