@@ -87,7 +87,8 @@ def residual(weight: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
 def randomized_svd(matrix: Tensor, rank: int, *, iters: int = 4, oversample: int = OVERSAMPLE,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` singular triplets by a randomized range finder with subspace iteration (Halko et al. 2011,
-    Alg. 4.4, then Alg. 5.1), on `rank + oversample` random directions.
+    Alg. 4.4), on `rank + oversample` random directions, then the SVD of the small core of A ≈ q r pᵀ (with
+    iterations) or of qᵀA (Alg. 5.1, without).
 
     matrix: (m, n), or a batch (..., m, n) of same-shape matrices, each with its own random sketch.
     Returns U (..., m, rank), S (..., rank), Vh (..., rank, n).
