@@ -17,15 +17,10 @@ OpenMP threads contending with another process there slow both libraries down ma
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
-import statistics
-import time
 from collections.abc import Callable
 
-import torch
-from common import machine
+from common import add_threads_option, apply_threads, machine, medians, race_on_copies
 from torch import nn
 
 from lorakit import LoraConfig, inject
@@ -52,29 +47,6 @@ def arms(config: LoraConfig) -> dict[str, Callable[[nn.Module], int]]:
     return {"lorakit": lorakit_inject, "peft": peft_inject}
 
 
-def race(base: nn.Module, steps: dict[str, Callable[[nn.Module], int]], rounds: int, warmup: int
-         ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
-    """Wall and CPU seconds of each arm per measured round (A B A B ...), each on a fresh copy of `base`; and
-    each arm's trainable-parameter count."""
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    trainable: dict[str, int] = {}
-    for round_ in range(warmup + rounds):
-        for name, step in steps.items():
-            model = copy.deepcopy(base)
-            gc.collect()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            trainable[name] = step(model)
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            del model
-            if round_ >= warmup:
-                wall[name].append(elapsed)
-                cpu[name].append(elapsed_cpu)
-            kind = "warmup" if round_ < warmup else "round"
-            print(f"{kind} {round_}: {name:8s} {elapsed:7.4f} s (cpu {elapsed_cpu:7.4f} s)", flush=True)
-    return wall, cpu, trainable
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (each runs both arms)")
@@ -82,26 +54,20 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own). On a machine where other work holds cores, 1: "
-                             "two OpenMP threads contending with another process there run products 30x slower")
+    add_threads_option(parser)
     args = parser.parse_args()
-    threads_ok = args.threads is None or args.threads >= 1
-    if args.repeats < 1 or args.warmup < 0 or not threads_ok:
-        parser.error(f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, {args.threads} "
-                     f"and {args.warmup}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    apply_threads(parser, args.threads)
 
     base, _ = load_model("smollm2")
     base.eval()
     config = LoraConfig(rank=args.rank, alpha=args.alpha, targets=["llama"], dropout=0.0, seed=args.seed)
-    wall, cpu, trainable = race(base, arms(config), args.repeats, args.warmup)
+    wall, cpu, trainable = race_on_copies(base, arms(config), args.repeats, args.warmup)
     if trainable["lorakit"] != trainable["peft"]:
         raise SystemExit(f"the arms adapt different models: trainable parameters {trainable}")
 
-    median = {name: statistics.median(values) for name, values in wall.items()}
-    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+    median, median_cpu = medians(wall), medians(cpu)
     ratio, ratio_cpu = median["lorakit"] / median["peft"], median_cpu["lorakit"] / median_cpu["peft"]
     for name in wall:
         print(f"median {name:8s} {median[name]:7.4f} s  cpu {median_cpu[name]:7.4f} s  (n={len(wall[name])})")

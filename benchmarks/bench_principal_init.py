@@ -29,15 +29,11 @@ randomized residual within 2% of its exact one.
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from common import machine
+from common import add_threads_option, apply_threads, machine, medians, race_on_copies
 from torch import Tensor, nn
 
 from lorakit import LoraConfig, inject
@@ -75,28 +71,8 @@ def arms(rank: int, alpha: float, seed: int, svd_iters: int) -> dict[str, Arm]:
             "lorakit_exact": lorakit_arm(None), "peft_exact": peft_arm("pissa")}
 
 
-def race(base: nn.Module, steps: dict[str, Arm], rounds: int, warmup: int
-         ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, dict[str, float]]]:
-    """Wall and CPU seconds of each arm per measured round (A B A B ...), each on a fresh copy of `base`; and the
-    Frobenius norm of each residual matrix from each arm's last round."""
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    norms: dict[str, dict[str, float]] = {}
-    for round_ in range(warmup + rounds):
-        for name, step in steps.items():
-            model = copy.deepcopy(base)
-            gc.collect()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            residuals = step(model)
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            norms[name] = {key: torch.linalg.matrix_norm(w.detach().float()).item() for key, w in residuals.items()}
-            del model, residuals
-            if round_ >= warmup:
-                wall[name].append(elapsed)
-                cpu[name].append(elapsed_cpu)
-            kind = "warmup" if round_ < warmup else "round"
-            print(f"{kind} {round_}: {name:14s} {elapsed:8.3f} s (cpu {elapsed_cpu:8.3f} s)", flush=True)
-    return wall, cpu, norms
+def residual_norms(residuals: dict[str, Tensor]) -> dict[str, float]:
+    return {key: torch.linalg.matrix_norm(w.detach().float()).item() for key, w in residuals.items()}
 
 
 def residual_excess(norms: dict[str, float], exact: dict[str, float]) -> tuple[float, float]:
@@ -117,16 +93,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own). On a machine where other work holds cores, 1: "
-                             "two OpenMP threads contending with another process there run products 30x slower")
+    add_threads_option(parser)
     args = parser.parse_args()
-    threads_ok = args.threads is None or args.threads >= 1
-    if min(args.repeats, args.exact_repeats) < 1 or args.warmup < 0 or not threads_ok:
-        parser.error("--repeats, --exact-repeats and --threads must be >= 1 and --warmup >= 0, got "
-                     f"{args.repeats}, {args.exact_repeats}, {args.threads} and {args.warmup}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if min(args.repeats, args.exact_repeats) < 1 or args.warmup < 0:
+        parser.error("--repeats and --exact-repeats must be >= 1 and --warmup >= 0, got "
+                     f"{args.repeats}, {args.exact_repeats} and {args.warmup}")
+    apply_threads(parser, args.threads)
 
     torch.manual_seed(args.seed)  # torch.svd_lowrank (PEFT) draws from the global generator
     base, _ = load_model("smollm2")
@@ -135,12 +107,11 @@ def main() -> None:
     peft_fast = f"peft_niter_{args.svd_iters}"
     fast = {name: every[name] for name in ("lorakit", peft_fast)}
     exact = {name: every[name] for name in ("lorakit_exact", "peft_exact")}
-    wall, cpu, norms = race(base, fast, args.repeats, args.warmup)
-    exact_wall, exact_cpu, exact_norms = race(base, exact, args.exact_repeats, 0)
+    wall, cpu, norms = race_on_copies(base, fast, args.repeats, args.warmup, keep=residual_norms)
+    exact_wall, exact_cpu, exact_norms = race_on_copies(base, exact, args.exact_repeats, 0, keep=residual_norms)
     wall, cpu, norms = wall | exact_wall, cpu | exact_cpu, norms | exact_norms
 
-    median = {name: statistics.median(values) for name, values in wall.items()}
-    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+    median, median_cpu = medians(wall), medians(cpu)
     ratios = {
         "exact_over_randomized": median["lorakit_exact"] / median["lorakit"],
         "lorakit_over_peft_niter": median["lorakit"] / median[peft_fast],

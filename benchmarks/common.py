@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
+import gc
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,3 +52,45 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     return {"cpu": model, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def race_on_copies(base: torch.nn.Module, arms: dict[str, Callable[[torch.nn.Module], Any]], rounds: int,
+                   warmup: int, *, keep: Callable[[Any], Any] = lambda result: result
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Any]]:
+    """`race` for arms that change the model they are given: each call gets a fresh `copy.deepcopy(base)`, made
+    (and the garbage of the previous copy collected) before the clock starts. Returns the wall and process-CPU
+    seconds of each arm per measured round, and `keep(result)` of each arm's last call (taken after the clock
+    stops, so the copy it came from can be freed)."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    wall: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
+    kept: dict[str, Any] = {}
+    for round_ in range(warmup + rounds):
+        for name, arm in arms.items():
+            model = copy.deepcopy(base)
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            result = arm(model)
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            kept[name] = keep(result)
+            del model, result
+            if round_ >= warmup:
+                wall[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
+            kind = "warmup" if round_ < warmup else "round"
+            print(f"{kind} {round_}: {name:14s} {elapsed:8.4f} s (cpu {elapsed_cpu:8.4f} s)", flush=True)
+    return wall, cpu, kept
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own). On a machine where other work holds cores, 1: "
+                             "two OpenMP threads contending with another process there run products 30x slower")
+
+
+def apply_threads(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)

@@ -92,7 +92,6 @@ class LoraLinear(nn.Module):
         self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._no_dropout = dropout == 0
-        self._plain_linear = not fan_in_fan_out  # the fused path of lorakit.fused applies
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = _zero_linear(self.in_features, rank, factory)
         self.lora_B = _zero_linear(rank, self.out_features, factory)
@@ -121,7 +120,7 @@ class LoraLinear(nn.Module):
         weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         scaling = self.scaling * self.scale
         # Every attribute read here costs: a decoding step runs this 200 times for one token.
-        if (self._plain_linear and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
+        if (not self.fan_in_fan_out and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
                 == b.dtype and not torch.is_autocast_enabled(x.device.type)):
             return lora_linear(x, weight, self.bias, a, b, scaling)
         out = self.base_forward(x)
