@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.train.world import World
+from lorakit.distributed import World
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

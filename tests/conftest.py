@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -12,6 +14,9 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # the real data sets, beside the checkout
 
 # Tolerances by dtype: (rtol, atol). Every comparison in the suite takes its numbers from here.
 TOLERANCES = {

@@ -36,7 +36,7 @@ from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.data import batch_indices
 from lorakit.train.metrics_log import MetricsLog
 from lorakit.train.task import Features, Task
-from lorakit.train.world import World
+from lorakit.distributed import World
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from lorakit.train.metrics_log import plot_loss_curve
 from lorakit.train.readers import read_squad
 from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task, task_from_state
-from lorakit.train.world import World
+from lorakit.distributed import World
 
 log = logging.getLogger(__name__)
 TASK_FILE = "task.json"

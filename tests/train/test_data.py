@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from lorakit.errors import LorakitError
 from lorakit.train.data import batch_indices, chunks, map_columns, pad, read_records
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = SHARED_DATA
 ROWS = [{"text": "good film", "label": 1}, {"text": "bad, dull film", "label": 0}]
 
 

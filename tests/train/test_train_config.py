@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import REPO_ROOT
 
 from lorakit.train.config import load_train_config
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_recipe_count():

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -16,7 +17,7 @@ from lorakit.train.data import read_records
 from lorakit.train.tasks.instruction import InstructionTuning
 from lorakit.train.tasks.translation import evaluate_generation, read_parallel, translation_scores
 
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+MULTI30K = SHARED_DATA / "multi30k"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import SHARED_DATA
 from torch import nn
 from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
 
@@ -22,7 +23,7 @@ from lorakit.train.run import evaluate_from_config, train_from_config
 from lorakit.train.tasks import task_from_state
 from lorakit.train.tasks.qa import ExtractiveQA, best_span, normalize_answer, squad_f1, squad_scores
 
-SQUAD_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "dev-v1.1.json"
+SQUAD_DEV = SHARED_DATA / "squad" / "dev-v1.1.json"
 FILLER = " ".join(["The river runs north through green hills and old farms."] * 4)
 CONTEXT = FILLER + " The capital is Reykjavik harbour, by the sea."
 ANSWER = "Reykjavik harbour"
