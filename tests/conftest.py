@@ -114,3 +114,41 @@ def write_config(path, model_dir, train, dev, out_dir, **sections):
         config[section].update(values)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# ---------------------------------------------------------------- the bad-input harness (tests/bad_input/)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (or `root` itself when it is a file) by relative path, with its bytes."""
+    root = Path(root)
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def expect_cli_error(argv: list[str], capsys, *, matches: str, watch: list[Path] = ()) -> str:
+    """Run `lorakit ARGV` in this process and check the promise made for bad input: exit code 2, exactly one
+    line on stderr, starting `error: ` and matching the regular expression `matches`, no traceback, and every file
+    that existed under the `watch` paths byte-identical afterwards. Returns the error line."""
+    import re
+
+    from lorakit.cli import main
+
+    before = {w: snapshot(w) for w in watch}
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own exit, if any escaped
+        code = e.code
+    _, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}: {err}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert re.search(matches, lines[0]), f"{lines[0]!r} does not match {matches!r}"
+    for path, files in before.items():
+        after = snapshot(path)
+        assert {k: after.get(k) for k in files} == files, f"files under {path} changed or vanished"
+    return lines[0]
