@@ -73,7 +73,7 @@ def main() -> None:
         print(f"median {name:8s} {median[name]:7.4f} s  cpu {median_cpu[name]:7.4f} s  (n={len(wall[name])})")
     print(f"lorakit_over_peft {ratio:.3f} (cpu {ratio_cpu:.3f})  targets: lorakit <= 0.3 s, ratio <= 0.5")
     print(json.dumps({
-        "benchmark": "injection", "model": "smollm2", "modules": len(plan(base, config).targets), "rank": args.rank,
+        "benchmark": "injection", "model": "smollm2", "modules": len(plan(base, config).adapted), "rank": args.rank,
         "alpha": args.alpha, "dtype": "float32", "init": "standard", "repeats": args.repeats, "warmup": args.warmup,
         **machine(), "trainable_params": trainable["lorakit"],
         **{f"{name}_s": median[name] for name in wall}, **{f"{name}_cpu_s": median_cpu[name] for name in wall},

@@ -13,14 +13,14 @@ from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError, MergeStateError
 from lorakit.inject import InjectionReport, adapter_parameters, inject
 from lorakit.io import inspect_adapter, load_adapter, save_adapter
-from lorakit.merge import adapters_disabled, delta_weight, is_merged, merge, merged_state_dict, set_scale, unmerge
+from lorakit.merge import adapters_disabled, delta_weight, is_merged, merge, merged_state_dict, set_strength, unmerge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError",
     "adapter_parameters", "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged",
-    "load_adapter", "load_model", "merge", "merged_state_dict", "per_row_adapters", "save_adapter", "set_scale",
+    "load_adapter", "load_model", "merge", "merged_state_dict", "per_row_adapters", "save_adapter", "set_strength",
     "unmerge",
 ]
 

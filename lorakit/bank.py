@@ -264,7 +264,7 @@ class _RowForward:
             raise MergeStateError("adapters are merged into the base weights; unmerge before per-row adapters")
         out = module.base_forward(x)
         a, bt = self.a, self.bt
-        if a is None or bt is None or module.scale == 0.0:
+        if a is None or bt is None or module.strength == 0.0:
             return out
         n = self.rows
         if x.dim() != 3 or x.shape[0] % n:
@@ -278,9 +278,9 @@ class _RowForward:
         # (k·N, T, in) -> (N, k·T, in) lines the rows up with the N row names without repeating any factors.
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))  # (N, k·T, rank)
         if out.dtype != bt.dtype:  # a low-precision base under fp32 factors
-            return out + (torch.bmm(h, bt) * module.scale).view(out.shape).to(out.dtype)
+            return out + (torch.bmm(h, bt) * module.strength).view(out.shape).to(out.dtype)
         # In place: base_forward's output is ours, and its backward does not need it.
-        out.view(n, -1, out.shape[-1]).baddbmm_(h, bt, alpha=module.scale)  # (N, k·T, out)
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, bt, alpha=module.strength)  # (N, k·T, out)
         return out
 
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import LorakitError
 from lorakit.distributed import World
+from lorakit.errors import LorakitError
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ class AdapterState:
     """What `inject` did, kept on the model (`model.lorakit_state`) for saving, merging and reporting."""
 
     config: LoraConfig
-    targets: list[str]
+    adapted: list[str]  # the names of the modules carrying LoRA factors
     modules_to_save: list[str]
     principal_init: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
@@ -72,7 +72,7 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
         raise LorakitError("model already has lorakit adapters; load a fresh base model to inject again")
     selection = select_modules(model, config.targets, config.exclude, config.modules_to_save, modules=modules)
     problems = []
-    for name in selection.targets:
+    for name in selection.adapted:
         rank = config.rank_for(name)
         fan_in, fan_out = fan_in_out(modules[name])
         if rank > min(fan_in, fan_out):
@@ -106,12 +106,12 @@ def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True) -> 
     """
     selection, modules = _plan(model, config)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    built = {name: cast(LoraModule, build_module(modules[name], config, name)) for name in selection.targets}
+    built = {name: cast(LoraModule, build_module(modules[name], config, name)) for name in selection.adapted}
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     if initialize:  # every SVD of a principal init runs here, before the model changes
         factors = {name: initial_factors(module, config, generator) for name, module in built.items()}
     # Nothing above touched the model; from here on nothing can fail on user input.
-    state = AdapterState(config, selection.targets, selection.modules_to_save)
+    state = AdapterState(config, selection.adapted, selection.modules_to_save)
     principal = config.init == "principal"
     for name, module in built.items():
         if name in factors:
@@ -123,7 +123,7 @@ def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True) -> 
     model.lorakit_state = state  # type: ignore[assignment]
     trainable, params = adapter_parameters(model), list(model.parameters())
     _freeze_all_but(params, trainable)
-    report = InjectionReport(list(state.targets), list(state.modules_to_save),
+    report = InjectionReport(list(state.adapted), list(state.modules_to_save),
                              sum(p.numel() for p in trainable.values()), sum(p.numel() for p in params))
     log.info("%s", report)
     return report
@@ -231,7 +231,7 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig, selection: Sel
     """The keys and shapes `adapter_parameters` will have once `config` is injected, computed without injecting."""
     modules = dict(model.named_modules())
     out: dict[str, tuple[int, ...]] = {}
-    for name in selection.targets:
+    for name in selection.adapted:
         module, rank = modules[name], config.rank_for(name)
         fan_in, fan_out = fan_in_out(module)
         if isinstance(module, nn.Embedding):
@@ -261,7 +261,7 @@ def injection_report(model: nn.Module) -> InjectionReport:
     state = adapter_state(model)
     trainable = sum(p.numel() for p in adapter_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
-    return InjectionReport(list(state.targets), list(state.modules_to_save), trainable, total)
+    return InjectionReport(list(state.adapted), list(state.modules_to_save), trainable, total)
 
 
 def _replace(modules: dict[str, nn.Module], name: str, module: nn.Module) -> None:

@@ -97,7 +97,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
     """
     state = adapter_state(model)
     config = state.config
-    targets = set(state.targets)
+    targets = set(state.adapted)
     tensors = {_to_peft_key(k, targets): p.detach().cpu().clone().contiguous()
                for k, p in adapter_parameters(model).items()}
     if convert_principal:
@@ -108,7 +108,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
     metadata = {
         "format": "pt",
         "lorakit_format": FORMAT_VERSION,
-        "lorakit_fingerprint": fingerprint(model, state.targets),
+        "lorakit_fingerprint": fingerprint(model, state.adapted),
         "lorakit_base_model": str(base or ""),
         "lorakit_checksum": _checksum(tensors),
     }
@@ -165,7 +165,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doub
         "base_model_name_or_path": base,
         "r": config.rank * factor,
         "lora_alpha": config.alpha * alpha_factor,
-        "target_modules": list(state.targets),
+        "target_modules": list(state.adapted),
         "exclude_modules": None,
         "lora_dropout": config.dropout,
         "bias": config.bias,
@@ -288,7 +288,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     modules = dict(model.named_modules())
     # PEFT saves the whole table of an adapted embedding by default (`save_embedding_layers`, for resized
     # vocabularies); the key is optional and, as in PEFT, the saved table replaces the base's on load.
-    tables = {f"{n}.weight": tuple(modules[n].weight.shape) for n in selection.targets
+    tables = {f"{n}.weight": tuple(modules[n].weight.shape) for n in selection.adapted
               if isinstance(modules[n], nn.Embedding) and f"{n}.weight" in found}
     expected = expected_adapter_shapes(model, config, selection) | tables
     problems = [f"missing key {k!r} (shape {tuple(s)})" for k, s in expected.items() if k not in found]
@@ -298,11 +298,11 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     if problems:
         raise LorakitError(f"adapter {str(path)!r} does not fit this model: " + "; ".join(problems))
     saved_print = metadata.get("lorakit_fingerprint")
-    if saved_print and saved_print != fingerprint(model, selection.targets) and not allow_base_mismatch:
+    if saved_print and saved_print != fingerprint(model, selection.adapted) and not allow_base_mismatch:
         raise LorakitError(
             f"adapter {str(path)!r} was saved on base {metadata.get('lorakit_base_model')!r} whose targets differ "
             "from this model's; pass allow_base_mismatch=True to load it anyway")
-    principal = _read_principal(Path(path), selection.targets) if config.init == "principal" else None
+    principal = _read_principal(Path(path), selection.adapted) if config.init == "principal" else None
     inject(model, config, initialize=False)
     params = adapter_parameters(model) | {k: model.get_parameter(k) for k in tables}
     with torch.no_grad():

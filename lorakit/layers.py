@@ -3,10 +3,10 @@
 Each module takes over the base layer's `weight` and `bias` Parameter objects under their own names (no copies),
 so a base checkpoint's keys load into an adapted model unchanged, and adds the low-rank factors. The forward is
 
-    y = base(x) + scaling * scale * B(A(dropout(x)))
+    y = base(x) + scaling * strength * B(A(dropout(x)))
 
-with `scaling` = alpha / rank (or alpha / sqrt(rank) for rank-stabilised LoRA) and `scale` a run-time multiplier
-(`set_scale`; 0 disables the adapter). Every module exposes its factors as matrices, A: (rank, fan_in) and
+with `scaling` = alpha / rank (or alpha / sqrt(rank) for rank-stabilised LoRA) and `strength` a run-time multiplier
+(`set_strength`; 0 disables the adapter). Every module exposes its factors as matrices, A: (rank, fan_in) and
 B: (fan_out, rank), so that one function (`lorakit.merge.delta_weight`) computes ΔW for all kinds.
 """
 
@@ -31,7 +31,7 @@ class LoraModule(Protocol):
     rank: int
     alpha: float
     scaling: float
-    scale: float
+    strength: float
     merged: bool
 
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -89,7 +89,7 @@ class LoraLinear(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         fan_in, fan_out = (self.weight.shape if fan_in_fan_out else self.weight.shape[::-1])
         self.in_features, self.out_features = int(fan_in), int(fan_out)
-        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        self.rank, self.alpha, self.scaling, self.strength, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._no_dropout = dropout == 0
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -115,10 +115,10 @@ class LoraLinear(nn.Module):
         if self.merged:
             _refuse_training_while_merged(self)
             return self.base_forward(x)
-        if self.scale == 0.0:
+        if self.strength == 0.0:
             return self.base_forward(x)
         weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
-        scaling = self.scaling * self.scale
+        scaling = self.scaling * self.strength
         # Every attribute read here costs: a decoding step runs this 200 times for one token.
         if (not self.fan_in_fan_out and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
                 == b.dtype and not torch.is_autocast_enabled(x.device.type)):
@@ -163,7 +163,7 @@ class LoraEmbedding(nn.Module):
         self.padding_idx, self.max_norm = base.padding_idx, base.max_norm
         self.norm_type, self.scale_grad_by_freq, self.sparse = base.norm_type, base.scale_grad_by_freq, base.sparse
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
-        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        self.rank, self.alpha, self.scaling, self.strength, self.merged = rank, alpha, scaling, 1.0, False
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_embedding_A = nn.Parameter(torch.zeros(rank, self.num_embeddings, **factory))
         self.lora_embedding_B = nn.Parameter(torch.zeros(self.embedding_dim, rank, **factory))
@@ -177,10 +177,10 @@ class LoraEmbedding(nn.Module):
         if self.merged:
             _refuse_training_while_merged(self)
             return out
-        if self.scale == 0.0:
+        if self.strength == 0.0:
             return out
         h = self._embed(ids, self.lora_embedding_A.T)  # (..., rank)
-        return out + ((h @ self.lora_embedding_B.T) * (self.scaling * self.scale)).to(out.dtype)
+        return out + ((h @ self.lora_embedding_B.T) * (self.scaling * self.strength)).to(out.dtype)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_embedding_A, self.lora_embedding_B
@@ -215,7 +215,7 @@ class LoraConv(nn.Module):
         self.bias = base.bias
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.weight.dim() - 2]
-        self.rank, self.alpha, self.scaling, self.scale, self.merged = rank, alpha, scaling, 1.0, False
+        self.rank, self.alpha, self.scaling, self.strength, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         conv_cls = type(base)
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -231,10 +231,10 @@ class LoraConv(nn.Module):
         if self.merged:
             _refuse_training_while_merged(self)
             return out
-        if self.scale == 0.0:
+        if self.strength == 0.0:
             return out
         h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (N, rank, *spatial)
-        return out + (self.lora_B(h) * (self.scaling * self.scale)).to(out.dtype)
+        return out + (self.lora_B(h) * (self.scaling * self.strength)).to(out.dtype)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)

@@ -7,6 +7,7 @@ for NaN/inf before anything is written, and all-or-nothing across the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,9 +20,9 @@ from lorakit.layers import LoraModule, lora_modules
 
 
 def delta_weight(module: LoraModule) -> Tensor:
-    """scaling · scale · B @ A in fp32, in the layout of `module.weight`."""
+    """scaling · strength · B @ A in fp32, in the layout of `module.weight`."""
     a, b = module.factors()
-    return module.matrix_to_weight((b.float() @ a.float()) * (module.scaling * module.scale))
+    return module.matrix_to_weight((b.float() @ a.float()) * (module.scaling * module.strength))
 
 
 def _deltas(model: nn.Module) -> list[tuple[str, LoraModule, Tensor]]:
@@ -83,27 +84,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def set_scale(model: nn.Module, scale: float) -> None:
-    """Multiply every adapter's contribution by `scale` at inference (0 disables, 1 restores) without merging."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale:
-        raise LorakitError(f"scale must be a number, got {scale!r}")
+def set_strength(model: nn.Module, strength: float) -> None:
+    """Multiply every adapter's contribution by `strength` at inference (0 disables, 1 restores) without merging.
+    The adapter's own `scaling` (alpha / rank) is unchanged; the two multiply."""
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+        raise LorakitError(f"strength must be a finite number, got {strength!r}")
     if is_merged(model):
-        raise MergeStateError("adapters are merged, so their scale is baked into W; unmerge before set_scale")
+        raise MergeStateError("adapters are merged, so their strength is baked into W; unmerge before set_strength")
     adapter_state(model)
     for _, module in lora_modules(model):
-        module.scale = float(scale)
+        module.strength = float(strength)
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the base model alone inside the block; each adapter's previous scale is restored after."""
+    """Run the base model alone inside the block; each adapter's previous strength is restored after."""
     if is_merged(model):
         raise MergeStateError("adapters are merged; unmerge before disabling them")
-    previous = [(m, m.scale) for _, m in lora_modules(model)]
+    previous = [(m, m.strength) for _, m in lora_modules(model)]
     for m, _ in previous:
-        m.scale = 0.0
+        m.strength = 0.0
     try:
         yield
     finally:
         for m, s in previous:
-            m.scale = s
+            m.strength = s

@@ -1,7 +1,7 @@
 """Loading base models: the two bundled defaults by short name, or any Hugging Face model directory or hub id.
 
     model, tokenizer = load_model("smollm2")                                  # LlamaForCausalLM, 135M
-    model, tokenizer = load_model("minilm", task="sequence-classification", num_labels=2)
+    model, tokenizer = load_model("minilm", head="sequence-classification", num_labels=2)
 
 SmolLM2 ships as a Q4_1 GGUF file. Dequantizing it takes ~30 s, and transformers refuses to `save_pretrained`
 a model loaded from GGUF, so the first load rebuilds it as a plain `LlamaForCausalLM` and writes a safetensors
@@ -63,9 +63,9 @@ _AUTO_CLASSES: dict[str, Any] = {
     "question-answering": AutoModelForQuestionAnswering,
     "base": AutoModel,
 }
-TASKS: tuple[str, ...] = ("auto", *_AUTO_CLASSES)
-_LABELLED_TASKS = ("sequence-classification", "token-classification")
-# Architecture-name suffixes that reveal a checkpoint's own head, for task="auto".
+HEADS: tuple[str, ...] = ("auto", *_AUTO_CLASSES)
+_LABELLED_HEADS = ("sequence-classification", "token-classification")
+# Architecture-name suffixes that reveal a checkpoint's own head, for head="auto".
 _HEAD_SUFFIXES: dict[str, str] = {
     "ForCausalLM": "causal-lm",
     "LMHeadModel": "causal-lm",
@@ -75,18 +75,18 @@ _HEAD_SUFFIXES: dict[str, str] = {
 }
 
 
-def load_model(name_or_path: str, *, task: str = "auto", num_labels: int | None = None,
+def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a base model and its tokenizer, in eval mode and in `dtype`.
 
     name_or_path: a short name from `BUNDLED_MODELS` (`smollm2`, `minilm`), a local model directory (with
         `config.json`), or a Hugging Face hub id (needs the network unless it is in the hub cache).
-    task: `auto` picks the checkpoint's own head when its `architectures` name one, else a causal LM for
+    head: the model class on top of the transformer. `auto` picks the checkpoint's own head when its `architectures` name one, else a causal LM for
         decoder model types (llama, gpt2, ...) and the bare encoder (`AutoModel`) for the rest (bert, ...).
         Or one of `causal-lm`, `sequence-classification`, `token-classification`, `question-answering`,
         `base`.
-    num_labels: classifier outputs, for the two classification tasks only (default: the config's).
+    num_labels: classifier outputs, for the two classification heads only (default: the config's).
     cache_dir: root of the SmolLM2 conversion cache (default `$LORAKIT_CACHE`, else `~/.cache/lorakit`); the
         converted model lives in its `smollm2-135m-instruct/` subdirectory.
 
@@ -94,10 +94,10 @@ def load_model(name_or_path: str, *, task: str = "auto", num_labels: int | None 
     so adapters saved from the model record a base that `load_model` can load again. A causal LM's tokenizer
     without a pad token gets `pad_token = eos_token`.
 
-    Raises `LorakitError` for an unknown task, a misplaced `num_labels`, a missing bundled wheel, a path that
+    Raises `LorakitError` for an unknown head, a misplaced `num_labels`, a missing bundled wheel, a path that
     is not a model directory, or a hub id that cannot be fetched.
     """
-    _check_arguments(task, num_labels, dtype)
+    _check_arguments(head, num_labels, dtype)
     if name_or_path in BUNDLED_MODELS:
         source = _bundled_dir(name_or_path, cache_dir)
         local = True
@@ -105,7 +105,7 @@ def load_model(name_or_path: str, *, task: str = "auto", num_labels: int | None 
         source, local = _local_or_hub(name_or_path)
 
     config = _load_config(name_or_path, source, local)
-    resolved = resolve_task(config) if task == "auto" else task
+    resolved = resolve_head(config) if head == "auto" else head
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -127,13 +127,13 @@ def load_model(name_or_path: str, *, task: str = "auto", num_labels: int | None 
     return model, tokenizer
 
 
-def resolve_task(config: PretrainedConfig) -> str:
-    """The task `task="auto"` picks for `config`: the checkpoint's own head, else causal-lm or base."""
+def resolve_head(config: PretrainedConfig) -> str:
+    """The head `head="auto"` picks for `config`: the checkpoint's own head, else causal-lm or base."""
     if not getattr(config, "is_encoder_decoder", False):
         for arch in getattr(config, "architectures", None) or []:
-            for suffix, task in _HEAD_SUFFIXES.items():
+            for suffix, head in _HEAD_SUFFIXES.items():
                 if arch.endswith(suffix):
-                    return task
+                    return head
     return "causal-lm" if _is_decoder(config) else "base"
 
 
@@ -160,16 +160,16 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _check_arguments(task: str, num_labels: int | None, dtype: torch.dtype) -> None:
-    if task not in TASKS:
-        raise LorakitError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; "
-                           f"expected one of: {', '.join(TASKS)}")
+def _check_arguments(head: str, num_labels: int | None, dtype: torch.dtype) -> None:
+    if head not in HEADS:
+        raise LorakitError(f"unknown head {head!r}{did_you_mean(head, HEADS)}; "
+                           f"expected one of: {', '.join(HEADS)}")
     if num_labels is not None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise LorakitError(f"num_labels must be a positive int, got {num_labels!r}")
-        if task not in _LABELLED_TASKS:
-            raise LorakitError(f"num_labels applies only to task {' or '.join(_LABELLED_TASKS)}, "
-                               f"got task {task!r}")
+        if head not in _LABELLED_HEADS:
+            raise LorakitError(f"num_labels applies only to head {' or '.join(_LABELLED_HEADS)}, "
+                               f"got head {head!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LorakitError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
 

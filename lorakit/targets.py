@@ -84,7 +84,7 @@ def shared_weight_owners(model: nn.Module, modules: dict[str, nn.Module] | None 
 class Selection:
     """The outcome of matching: module names, in the model's order."""
 
-    targets: list[str]
+    adapted: list[str]  # the names of the modules that get LoRA factors
     modules_to_save: list[str]
 
 

@@ -30,7 +30,7 @@ def test_save_then_load_is_bit_exact(tmp_path, token_ids):
     save_adapter(model, tmp_path / "a")
     fresh = tiny_bert()
     report = load_adapter(fresh, tmp_path / "a")
-    assert report.adapted == model.lorakit_state.targets
+    assert report.adapted == model.lorakit_state.adapted
     saved = {k: v for k, v in model.state_dict().items()}
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key

@@ -91,13 +91,13 @@ def test_linear_adopts_the_very_same_parameter_objects():
 
 
 @pytest.mark.parametrize("kind", ["linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d"])
-def test_zero_factors_and_zero_scale_give_exactly_the_base_output(kind):
+def test_zero_factors_and_zero_strength_give_exactly_the_base_output(kind):
     module, x = _cases()[kind]
     with torch.no_grad():
         fresh = module(x)  # factors start at zero
         _randomize(module)
         adapted = module(x)
-        module.scale = 0.0
+        module.strength = 0.0
         disabled = module(x)
     base = _reference(kind, module, x, *_zero_factors(module))
     rtol, atol = TOLERANCES[torch.float32]

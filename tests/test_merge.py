@@ -16,7 +16,7 @@ from lorakit import (
     is_merged,
     merge,
     merged_state_dict,
-    set_scale,
+    set_strength,
     unmerge,
 )
 from lorakit.layers import lora_modules
@@ -114,34 +114,34 @@ def test_merged_state_dict_loads_into_plain_transformers_with_same_outputs(token
     assert not is_merged(model)
 
 
-def test_set_scale_zero_gives_base_output_and_one_restores(token_ids):
+def test_set_strength_zero_gives_base_output_and_one_restores(token_ids):
     base = tiny_llama()
     with torch.no_grad():
         base_out = base(token_ids).logits
     model = _trained(tiny_llama(), targets=["llama"])
     with torch.no_grad():
         adapted = model(token_ids).logits
-        set_scale(model, 0.0)
+        set_strength(model, 0.0)
         torch.testing.assert_close(model(token_ids).logits, base_out, rtol=1e-6, atol=1e-6)
-        set_scale(model, 1.0)
+        set_strength(model, 1.0)
         torch.testing.assert_close(model(token_ids).logits, adapted, rtol=0, atol=0)
         with adapters_disabled(model):
             torch.testing.assert_close(model(token_ids).logits, base_out, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(model(token_ids).logits, adapted, rtol=0, atol=0)
 
 
-def test_half_scale_halves_the_delta():
+def test_half_strength_halves_the_delta():
     model = _trained(tiny_llama(), targets=["q_proj"])
     name, module = lora_modules(model)[0]
     from lorakit import delta_weight
 
     full = delta_weight(module)
-    set_scale(model, 0.5)
+    set_strength(model, 0.5)
     torch.testing.assert_close(delta_weight(module), full * 0.5)
 
 
-def test_set_scale_while_merged_is_refused():
+def test_set_strength_while_merged_is_refused():
     model = _trained(tiny_llama(), targets=["q_proj"])
     merge(model)
     with pytest.raises(MergeStateError):
-        set_scale(model, 0.5)
+        set_strength(model, 0.5)

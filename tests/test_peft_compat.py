@@ -107,7 +107,7 @@ def _peft_name(key: str, model: nn.Module) -> str:
     owner, _, leaf = key.rpartition(".")
     if leaf in ("lora_embedding_A", "lora_embedding_B"):  # bare Parameters in both libraries
         return f"base_model.model.{key}.default"
-    if leaf == "bias" and owner in state.targets:  # PEFT keeps the adapted layer's own bias under base_layer
+    if leaf == "bias" and owner in state.adapted:  # PEFT keeps the adapted layer's own bias under base_layer
         return f"base_model.model.{owner}.base_layer.bias"
     module, _, factor = owner.rpartition(".")  # <module>.lora_A.weight
     return f"base_model.model.{module}.{factor}.default.{leaf}"
@@ -317,7 +317,7 @@ def smollm2() -> tuple[nn.Module, Any]:
 def minilm() -> tuple[nn.Module, Any]:
     from lorakit.models import load_model
 
-    return load_model("minilm", task="sequence-classification", num_labels=2)
+    return load_model("minilm", head="sequence-classification", num_labels=2)
 
 
 def _real_twins(base: nn.Module, config: LoraConfig, peft_config: Any) -> tuple[nn.Module, nn.Module]:

@@ -25,26 +25,26 @@ def test_pattern_syntax(pattern, name, expected):
 
 def test_llama_preset_selects_all_seven_projections_per_layer():
     selection = select_modules(tiny_llama(), ["llama"], [], [])
-    assert len(selection.targets) == 2 * 7
+    assert len(selection.adapted) == 2 * 7
 
 
 def test_bert_preset_selects_attention_and_ffn_but_not_pooler():
     selection = select_modules(tiny_bert(), ["bert"], [], [])
-    assert len(selection.targets) == 2 * 6
-    assert not any("pooler" in t for t in selection.targets)
+    assert len(selection.adapted) == 2 * 6
+    assert not any("pooler" in t for t in selection.adapted)
 
 
 def test_gpt2_preset_selects_conv1d_layers():
-    assert len(select_modules(tiny_gpt2(), ["gpt2"], [], []).targets) == 2 * 4
+    assert len(select_modules(tiny_gpt2(), ["gpt2"], [], []).adapted) == 2 * 4
 
 
 def test_all_linear_skips_the_output_head():
-    targets = select_modules(tiny_llama(), ["all-linear"], [], []).targets
+    targets = select_modules(tiny_llama(), ["all-linear"], [], []).adapted
     assert "lm_head" not in targets and len(targets) == 14
 
 
 def test_exclude_removes_matches():
-    targets = select_modules(tiny_llama(), ["llama"], ["model.layers.0.*"], []).targets
+    targets = select_modules(tiny_llama(), ["llama"], ["model.layers.0.*"], []).adapted
     assert len(targets) == 7 and all(t.startswith("model.layers.1.") for t in targets)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit import distributed
+from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
@@ -36,7 +37,6 @@ from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.data import batch_indices
 from lorakit.train.metrics_log import MetricsLog
 from lorakit.train.task import Features, Task
-from lorakit.distributed import World
 
 log = logging.getLogger(__name__)
 

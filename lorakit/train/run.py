@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
 from lorakit.config import LoraConfig
+from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
 from lorakit.inject import AdapterState, InjectionReport, inject
@@ -33,7 +34,6 @@ from lorakit.train.metrics_log import plot_loss_curve
 from lorakit.train.readers import read_squad
 from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task, task_from_state
-from lorakit.distributed import World
 
 log = logging.getLogger(__name__)
 TASK_FILE = "task.json"
@@ -84,9 +84,9 @@ class TrainSummary:
 def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and eval records, columns renamed to the task's fields; eval held out from train if no file."""
     d = config.data
-    train = map_columns(_read(d.train, d.format, d.train_articles), d.columns, d.train)
+    train = _records(task, d.train, d.format, d.train_articles, d.columns)
     if d.eval:
-        evaluation = map_columns(_read(d.eval, d.format, d.eval_articles), d.columns, d.eval)
+        evaluation = _records(task, d.eval, d.format, d.eval_articles, d.columns)
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.run.seed).shuffle(order)
@@ -99,6 +99,17 @@ def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], li
     if d.eval_limit is not None:
         evaluation = evaluation[:d.eval_limit]
     return train, evaluation
+
+
+def _records(task: Task, path: str, format: str | None, articles: list[int] | None, columns: dict[str, str]
+             ) -> list[dict[str, Any]]:
+    """One file's records, columns renamed; a task with `check_records` checks them here, where an error can name
+    the file and the record's number in it (before any split, shuffle or limit renumbers them)."""
+    records = map_columns(_read(path, format, articles), columns, path)
+    check = getattr(task, "check_records", None)
+    if callable(check):
+        check(records, path)
+    return records
 
 
 def _read(path: str, format: str | None, articles: list[int] | None) -> list[dict[str, Any]]:
@@ -120,13 +131,13 @@ def _task_options(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Prepared:
     """Load the base model, build the task, read and encode the data and inject the adapter."""
     torch.manual_seed(config.run.seed)  # the new head's and the adapter's initial weights
-    _, tokenizer = load_model(config.model.name, task="causal-lm" if config.data.task == "instruction" else "base")
+    _, tokenizer = load_model(config.model.name, head="causal-lm" if config.data.task == "instruction" else "base")
     task = make_task(config.data.task, tokenizer, **_task_options(config))
     train_records, eval_records = load_data(config, task)
     num_labels = None
     if hasattr(task, "fit_labels"):
         num_labels = len(task.fit_labels(train_records))
-    model, _ = load_model(config.model.name, task=_MODEL_TASK[config.data.task], num_labels=num_labels,
+    model, _ = load_model(config.model.name, head=_MODEL_TASK[config.data.task], num_labels=num_labels,
                           dtype=getattr(torch, config.model.dtype))
     train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
     lora = config.lora
@@ -266,7 +277,7 @@ def load_for_inference(model_name: str | None, adapter: str | Path | None = None
     model_name = model_name or "smollm2"
     if task_state and task_state.get("task") in ("classification", "ner", "qa"):  # a saved head needs its class
         labels = task_state.get("labels")
-        model, tokenizer = load_model(model_name, task=_MODEL_TASK[task_state["task"]],
+        model, tokenizer = load_model(model_name, head=_MODEL_TASK[task_state["task"]],
                                       num_labels=len(labels) if labels else None)
     else:
         model, tokenizer = load_model(model_name)
