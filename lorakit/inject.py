@@ -98,22 +98,47 @@ def fan_in_out(module: nn.Module) -> tuple[int, int]:
     return int(w[0].numel()), w.shape[0]  # convolutions: (out, in, *kernel)
 
 
-def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True) -> InjectionReport:
+@dataclass
+class BuiltAdapter:
+    """The LoRA modules `config` asks for, built around `model`'s layers but not yet swapped in: the model is
+    unchanged. Their parameters are the one description of what an adapter of this config holds."""
+
+    config: LoraConfig
+    selection: Selection
+    modules: dict[str, nn.Module]  # the model's modules by name, as they are now
+    lora: dict[str, LoraModule]  # the new modules by the name of the layer they will replace
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter the adapter will own once injected, keyed as in `adapter_parameters`."""
+        overlay = {**self.modules, **{name: cast(nn.Module, m) for name, m in self.lora.items()}}
+        return _owned_parameters(overlay, self.config.bias, self.selection.modules_to_save)
+
+
+def build_adapter(model: nn.Module, config: LoraConfig) -> BuiltAdapter:
+    """Resolve and check `config` on `model` and build its LoRA modules (factors zero), changing nothing."""
+    selection, modules = _plan(model, config)
+    lora = {name: cast(LoraModule, build_module(modules[name], config, name)) for name in selection.adapted}
+    return BuiltAdapter(config, selection, modules, lora)
+
+
+def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True,
+           built: BuiltAdapter | None = None) -> InjectionReport:
     """Adapt the modules `config` selects, freeze every other parameter, and return a report.
 
     With `initialize=False` the factors are left at zero and the base weights untouched: the state in which an
-    adapter file is loaded. Raises `LorakitError`/`ConfigError` before any change when the config does not fit.
+    adapter file is loaded. `built`: the result of `build_adapter(model, config)` when the caller already has it.
+    Raises `LorakitError`/`ConfigError` before any change when the config does not fit.
     """
-    selection, modules = _plan(model, config)
+    built = built if built is not None else build_adapter(model, config)
+    selection, modules = built.selection, built.modules
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    built = {name: cast(LoraModule, build_module(modules[name], config, name)) for name in selection.adapted}
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     if initialize:  # every SVD of a principal init runs here, before the model changes
-        factors = {name: initial_factors(module, config, generator) for name, module in built.items()}
+        factors = {name: initial_factors(module, config, generator) for name, module in built.lora.items()}
     # Nothing above touched the model; from here on nothing can fail on user input.
     state = AdapterState(config, selection.adapted, selection.modules_to_save)
     principal = config.init == "principal"
-    for name, module in built.items():
+    for name, module in built.lora.items():
         if name in factors:
             a, b = factors[name]
             apply_factors(module, a, b, principal=principal)
@@ -196,7 +221,13 @@ def _freeze_all_but(params: list[nn.Parameter], trainable: dict[str, nn.Paramete
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter the adapter owns (trained and saved), keyed by its name in `model.state_dict()`."""
     state = adapter_state(model)
-    modules = dict(model.named_modules())
+    return _owned_parameters(dict(model.named_modules()), state.config.bias, state.modules_to_save)
+
+
+def _owned_parameters(modules: dict[str, nn.Module], bias: str, modules_to_save: list[str]
+                      ) -> dict[str, nn.Parameter]:
+    """The adapter's parameters among `modules` (name -> module): LoRA factors found by module type, biases by
+    `bias`, and the modules saved in full."""
     out: dict[str, nn.Parameter] = {}
     for name, module in modules.items():
         if not isinstance(module, LORA_MODULE_TYPES):
@@ -205,15 +236,15 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for pname, p in module.named_parameters():
             if id(p) in owned:
                 out[f"{name}.{pname}"] = p
-        bias = module._parameters.get("bias") if state.config.bias == "lora_only" else None
-        if bias is not None:
-            out[f"{name}.bias"] = bias
-    if state.config.bias == "all":
+        own_bias = module._parameters.get("bias") if bias == "lora_only" else None
+        if own_bias is not None:
+            out[f"{name}.bias"] = own_bias
+    if bias == "all":
         for name, module in modules.items():
-            bias = module._parameters.get("bias")
-            if bias is not None:
-                out[f"{name}.bias" if name else "bias"] = bias
-    for saved in state.modules_to_save:
+            own_bias = module._parameters.get("bias")
+            if own_bias is not None:
+                out[f"{name}.bias" if name else "bias"] = own_bias
+    for saved in modules_to_save:
         for pname, p in modules[saved].named_parameters():
             out[f"{saved}.{pname}"] = p
     return out
@@ -225,36 +256,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if isinstance(getattr(model, "lorakit_state", None), AdapterState):
         return adapter_parameters(model)
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def expected_adapter_shapes(model: nn.Module, config: LoraConfig, selection: Selection) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes `adapter_parameters` will have once `config` is injected, computed without injecting."""
-    modules = dict(model.named_modules())
-    out: dict[str, tuple[int, ...]] = {}
-    for name in selection.adapted:
-        module, rank = modules[name], config.rank_for(name)
-        fan_in, fan_out = fan_in_out(module)
-        if isinstance(module, nn.Embedding):
-            out[f"{name}.lora_embedding_A"] = (rank, fan_in)
-            out[f"{name}.lora_embedding_B"] = (fan_out, rank)
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            kernel = tuple(module.weight.shape[2:])
-            out[f"{name}.lora_A.weight"] = (rank, module.weight.shape[1], *kernel)
-            out[f"{name}.lora_B.weight"] = (fan_out, rank) + (1,) * len(kernel)
-        else:
-            out[f"{name}.lora_A.weight"] = (rank, fan_in)
-            out[f"{name}.lora_B.weight"] = (fan_out, rank)
-        if config.bias == "lora_only" and getattr(module, "bias", None) is not None:
-            out[f"{name}.bias"] = tuple(module.bias.shape)
-    if config.bias == "all":
-        for name, module in modules.items():
-            bias = module._parameters.get("bias")
-            if bias is not None:
-                out[f"{name}.bias" if name else "bias"] = tuple(bias.shape)
-    for saved in selection.modules_to_save:
-        for pname, p in modules[saved].named_parameters():
-            out[f"{saved}.{pname}"] = tuple(p.shape)
-    return out
 
 
 def injection_report(model: nn.Module) -> InjectionReport:

@@ -24,14 +24,14 @@ from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError, did_you_mean
 from lorakit.fileio import atomic_write_dir
 from lorakit.inject import (
+    BuiltAdapter,
     InjectionReport,
     adapter_parameters,
     adapter_state,
-    expected_adapter_shapes,
+    build_adapter,
     initial_factors,
     inject,
     injection_report,
-    plan,
     subtract_principal,
 )
 from lorakit.layers import LoraModule, lora_modules
@@ -283,27 +283,24 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     """
     raw_config, tensors, metadata = read_adapter(path)
     config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
-    selection = plan(model, config)
+    built = _build_for(model, config, metadata, path)
+    selection, modules = built.selection, built.modules
     found = {_from_peft_key(k): v for k, v in tensors.items()}
-    modules = dict(model.named_modules())
     # PEFT saves the whole table of an adapted embedding by default (`save_embedding_layers`, for resized
     # vocabularies); the key is optional and, as in PEFT, the saved table replaces the base's on load.
-    tables = {f"{n}.weight": tuple(modules[n].weight.shape) for n in selection.adapted
+    tables = {f"{n}.weight": cast(nn.Parameter, modules[n].weight) for n in selection.adapted
               if isinstance(modules[n], nn.Embedding) and f"{n}.weight" in found}
-    expected = expected_adapter_shapes(model, config, selection) | tables
-    problems = [f"missing key {k!r} (shape {tuple(s)})" for k, s in expected.items() if k not in found]
-    problems += [f"unexpected key {k!r}" for k in found if k not in expected]
-    problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(s)}"
-                 for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
-    if problems:
-        raise LorakitError(f"adapter {str(path)!r} does not fit this model: " + "; ".join(problems))
     saved_print = metadata.get("lorakit_fingerprint")
-    if saved_print and saved_print != fingerprint(model, selection.adapted) and not allow_base_mismatch:
-        raise LorakitError(
-            f"adapter {str(path)!r} was saved on base {metadata.get('lorakit_base_model')!r} whose targets differ "
-            "from this model's; pass allow_base_mismatch=True to load it anyway")
+    other_base = bool(saved_print) and saved_print != fingerprint(model, selection.adapted)
+    if other_base and metadata.get("lorakit_base_model") and not allow_base_mismatch:
+        raise LorakitError(f"{_wrong_base(model, metadata, path)} (the adapted layers' shapes differ); pass "
+                           "allow_base_mismatch=True to load it anyway")
+    _check_fit(path, found, {k: tuple(p.shape) for k, p in (built.parameters() | tables).items()})
+    if other_base and not allow_base_mismatch:
+        raise LorakitError(f"adapter {str(path)!r} was saved on another base whose adapted layers differ from this "
+                           "model's; pass allow_base_mismatch=True to load it anyway")
     principal = _read_principal(Path(path), selection.adapted) if config.init == "principal" else None
-    inject(model, config, initialize=False)
+    inject(model, config, initialize=False, built=built)
     params = adapter_parameters(model) | {k: model.get_parameter(k) for k in tables}
     with torch.no_grad():
         for key, value in found.items():
@@ -311,6 +308,40 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     if config.init == "principal":
         _rebuild_residual(model, config, principal)
     return injection_report(model)
+
+
+def _build_for(model: nn.Module, config: LoraConfig, metadata: dict[str, str], path: str | Path) -> BuiltAdapter:
+    """The adapter's modules built on `model`; an adapter whose targets are absent from this model is named as
+    made for another base in one line, not as a list of every pattern that matched nothing."""
+    try:
+        return build_adapter(model, config)
+    except ConfigError as e:
+        if metadata.get("lorakit_base_model"):
+            raise LorakitError(_wrong_base(model, metadata, path)) from None
+        raise LorakitError(f"adapter {str(path)!r} does not fit this model: {_first(e.problems)}") from None
+
+
+def _wrong_base(model: nn.Module, metadata: dict[str, str], path: str | Path) -> str:
+    this = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    trained = metadata.get("lorakit_base_model") or "another model"
+    return (f"adapter {str(path)!r} was trained on {trained!r}, this model is {this!r}; load it on its own base "
+            f"(--model {trained})")
+
+
+def _check_fit(path: str | Path, found: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """File tensors against the parameters the built modules own: every missing, unexpected or mis-shaped key."""
+    problems = [f"missing key {k!r} (shape {tuple(s)})" for k, s in expected.items() if k not in found]
+    problems += [f"unexpected key {k!r}" for k in found if k not in expected]
+    problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(s)}"
+                 for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
+    if problems:
+        raise LorakitError(f"adapter {str(path)!r} does not fit this model: {_first(problems, 10)}")
+
+
+def _first(problems: list[str], n: int = 3) -> str:
+    """At most `n` problems, and how many more there are: one readable line, not one line per module."""
+    more = f"; and {len(problems) - n} more" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
 
 
 def _read_principal(path: Path, targets: list[str]) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -345,12 +376,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     _, tensors, _ = read_adapter(path)
     found = {_from_peft_key(k): v for k, v in tensors.items()}
     params = adapter_parameters(model)
-    problems = [f"missing key {k!r}" for k in params if k not in found]
-    problems += [f"unexpected key {k!r}" for k in found if k not in params]
-    problems += [f"shape mismatch for {k!r}: file {tuple(found[k].shape)}, model {tuple(p.shape)}"
-                 for k, p in params.items() if k in found and found[k].shape != p.shape]
-    if problems:
-        raise LorakitError(f"adapter {str(path)!r} does not fit this model: " + "; ".join(problems))
+    _check_fit(path, found, {k: tuple(p.shape) for k, p in params.items()})
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(found[key].to(param.dtype))
