@@ -24,10 +24,9 @@ from lorakit.layers import lora_modules
 peft = pytest.importorskip("peft")
 
 RTOL = TOLERANCES[torch.float32][0]  # same weights and the same ops: outputs agree to fp32 roundoff
-# A principal init subtracts s·B·A from W and the adapter adds it back; that round trip loses a few fp32 ulps
-# more than a plain forward, so invariants through a residual base are checked one decade looser.
-PRINCIPAL_RTOL = 10 * RTOL
-CHANGED = 1e-3  # an adapter that changes the output less than this would make a comparison vacuous
+# A principal init subtracts s·B·A from W and the adapter adds it back: invariants through a residual base.
+PRINCIPAL_RTOL = TOLERANCES["fp32 reordered"][0]
+CHANGED = TOLERANCES["adapter changes output"][0]
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2 = ["c_attn", "c_proj", "c_fc"]
 
@@ -268,7 +267,7 @@ def test_randomized_principal_residual_norm_is_within_2_percent_of_exact_pissa()
         randomized = module.weight.detach().norm()
         # The residual keeps what the rank-r factors miss, so a worse subspace gives a larger residual.
         assert randomized >= exact * (1 - PRINCIPAL_RTOL), module_name
-        assert randomized <= exact * 1.02, module_name
+        assert randomized <= exact * (1 + TOLERANCES["randomized SVD residual vs exact"][0]), module_name
 
 
 # ------------------------------------------------------------------------------------ principal conversion
