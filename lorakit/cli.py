@@ -11,14 +11,15 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2, minilm, a local model directory or a hub id")
+    parser.add_argument("--model", help="smollm2, minilm, a local model directory or a hub id (default: the base "
+                        "the adapter was trained on, else smollm2)")
     parser.add_argument("--adapter", help="an adapter directory to apply (lorakit's or PEFT's)")
 
 
@@ -41,85 +42,79 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_train_config
+    from lorakit.train.results import check_results_file, record_result, train_record
     from lorakit.train.run import train_from_config
 
     config = load_train_config(args.config, args.overrides)
-    summary = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    if args.record:
+        check_results_file(args.record)  # before hours of training, not after
+    summary = train_from_config(config, resume=args.resume, force=args.force, progress=not args.quiet)
     if not World.from_env().is_main:  # under torchrun, rank 0 reports for the job
         return 0
     _print_table(summary.table())
     if args.record:
-        from lorakit.train.results import record_result
-
         command = " ".join(["lorakit", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])])
-        entry = {**summary.as_json(), "data": config.data.train,
-                 "trainable_pct": 100 * summary.trainable_params / max(summary.total_params, 1), "command": command,
-                 "note": args.note}
-        record_result(entry, args.record)
-    print(json.dumps(summary.as_json()))
+        record_result(train_record(summary.as_json(), config.data.train, command, args.note), args.record)
+    print(_json(summary.as_json()))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_train_config
-    from lorakit.train.run import evaluate_from_config, evaluated_method, result_task
+    from lorakit.train.evaluate import evaluate_from_config
+    from lorakit.train.results import check_results_file, record_result
 
     config = load_train_config(args.config, args.overrides)
-    metrics = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
     if args.record:
-        from lorakit.train.results import record_result
-        from lorakit.train.tasks import TASKS
-
-        metric = "bleu" if "bleu" in metrics else TASKS[config.data.task].metric
+        check_results_file(args.record)
+    evaluation = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
+    if args.record:
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
-        record_result({"task": result_task(config), "data": config.data.eval or config.data.train,
-                       "model": config.model.name, "method": evaluated_method(config.model.name, args.adapter),
-                       "metric": metric, "value": metrics[metric], "trainable_params": 0, "trainable_pct": 0.0,
-                       "train_seconds": 0.0, "steps": 0, "metrics": metrics, "command": command,
-                       "note": args.note}, args.record)
-    print(json.dumps(metrics))
+        record_result(evaluation.record(command, args.note), args.record)
+    for note in evaluation.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(_json(evaluation.metrics))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lorakit.export import export_merged
-    from lorakit.train.run import load_for_inference
+    from lorakit.export import merge_adapter
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
-    out = export_merged(model, args.out, tokenizer)
+    out = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force)
     print(f"merged model written to {out}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lorakit.generation import generate
-    from lorakit.train.run import load_for_inference
+    from lorakit.generation import check_can_generate, check_prompts, generate
+    from lorakit.inference import load_for_inference
 
     sampling = _sampling(args)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise LorakitError("no prompt: pass --prompt TEXT or write prompts to standard input, one per line")
-    model, tokenizer = load_for_inference(args.model, args.adapter)
-    for answer in generate(model, tokenizer, prompts, sampling, chat=not args.raw):
+    prompts = args.prompt if args.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    check_prompts(prompts, raw=args.raw)
+    loaded = load_for_inference(args.model, args.adapter)
+    check_can_generate(loaded.model, loaded.base)
+    for answer in generate(loaded.model, loaded.tokenizer, prompts, sampling, chat=not args.raw):
         print(answer)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lorakit.generation import chat_prompt, generate
-    from lorakit.train.run import load_for_inference
+    from lorakit.generation import chat_prompt, check_can_generate, generate
+    from lorakit.inference import load_for_inference
 
     sampling = _sampling(args)
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    loaded = load_for_inference(args.model, args.adapter)
+    check_can_generate(loaded.model, loaded.base)
     history: list[dict[str, str]] = []
     print("chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
         history.append({"role": "user", "content": line.strip()})
-        prompt = chat_prompt(tokenizer, history)
-        answer = generate(model, tokenizer, [prompt], sampling, chat=False)[0]
+        prompt = chat_prompt(loaded.tokenizer, history)
+        answer = generate(loaded.model, loaded.tokenizer, [prompt], sampling, chat=False)[0]
         history.append({"role": "assistant", "content": answer})
         print(answer, flush=True)
     return 0
@@ -130,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_adapter(args.adapter)
     if args.json:
-        print(json.dumps(info))
+        print(_json(info))
     else:
         _print_table([(k, str(v)) for k, v in info.items()])
     return 0
@@ -139,9 +134,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.demo import run_demo
 
-    result = run_demo(out_dir=Path(args.out), progress=not args.quiet, echo=print)
-    print(json.dumps(result))
+    result = run_demo(out_dir=Path(args.out), force=args.force, progress=not args.quiet, echo=print)
+    print(_json(result))
     return 0
+
+
+def _json(value: Any) -> str:
+    """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
+    from lorakit.train.evaluate import finite_metrics
+
+    return json.dumps(finite_metrics(value) if isinstance(value, dict) else value, allow_nan=False)
 
 
 def _quiet_transformers() -> None:
@@ -169,16 +171,42 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
 }
 
 
+class _PrintConfigHelp(argparse.Action):
+    """`train --help-config`: print every config key and exit, as --help does (before the config is required)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from lorakit.train.config_doc import config_help
+
+        print(config_help(), end="")
+        parser.exit()
+
+
+class UsageError(LorakitError):
+    """A command line argparse cannot parse; printed as one `error:` line like every other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises (one line, exit 2 from `main`) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation of pretrained transformers.")
+    parser = _Parser(prog="lorakit", description="Low-rank adaptation of pretrained transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     parsers = {name: sub.add_parser(name, help=help_text, description=help_text)
                for name, (help_text, _) in COMMANDS.items()}
     for name in ("train", "eval"):
         parsers[name].add_argument("config", help="a YAML file with sections model, data, lora, optim, run")
         parsers[name].add_argument("overrides", nargs="*", help="section.key=value overrides")
     parsers["train"].add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parsers["train"].add_argument("--force", action="store_true",
+                                  help="start over in run.out_dir, replacing an earlier run's files there")
+    parsers["train"].add_argument("--help-config", action=_PrintConfigHelp, nargs=0,
+                                  help="list every config key (type, default, allowed values, meaning) and exit")
     parsers["train"].add_argument("--quiet", action="store_true", help="no progress bar")
     parsers["train"].add_argument("--record", metavar="JSON", help="append the result to this results file "
                                   "(e.g. docs/results.json; the .md beside it is rewritten)")
@@ -189,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--note", help="a remark stored with the recorded result")
     for name in ("merge", "generate", "chat"):
         _add_model_flags(parsers[name])
-    parsers["merge"].add_argument("--out", required=True, help="directory for the merged model")
+    parsers["merge"].add_argument("--out", required=True, help="directory for the merged model (new or empty)")
+    parsers["merge"].add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                                  help="dtype of the saved weights (ΔW is added in fp32 and rounded once)")
+    parsers["merge"].add_argument("--force", action="store_true", help="replace an earlier merged model at --out")
     for name in ("generate", "chat"):
         _add_sampling_flags(parsers[name])
     parsers["generate"].add_argument("--prompt", action="append", help="a prompt (repeatable); else read stdin")
@@ -198,32 +229,53 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["inspect"].add_argument("--json", action="store_true", help="print one JSON object")
     parsers["demo"].add_argument("--out", default="runs/demo", help="where the adapter and merged model go")
     parsers["demo"].add_argument("--quiet", action="store_true", help="no progress bar")
+    parsers["demo"].add_argument("--force", action="store_true", help="replace an earlier demo's files at --out")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Unknown `--section.key=value` flags of train/eval are overrides, not argparse options.
+    """Run one command; bad input prints one `error:` line and returns 2, an unexpected failure one line and 1
+    (with the traceback under -v)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        args = _parse(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(message)s")
+        if not args.verbose:
+            _quiet_transformers()
+        return COMMANDS[args.command][1](args)
+    except LorakitError as e:
+        _error(str(e))
+        return 2
+    except OSError as e:  # unreadable input, full disk, permissions: name the file, no traceback
+        _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: one line, the traceback under -v
+        if verbose:
+            raise
+        _error(f"unexpected {type(e).__name__}: {e} (this is a bug in lorakit; rerun with -v for the traceback)")
+        return 1
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    # Unknown `--section.key=value` flags of train/eval are overrides, not argparse options.
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         if args.command not in ("train", "eval") or any(not x.startswith("--") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        _quiet_transformers()
-    try:
-        return COMMANDS[args.command][1](args)
-    except LorakitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unreadable input, full disk, permissions: name the file, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if args.command == "merge" and not args.adapter:
+        raise UsageError("merge needs --adapter DIR, the adapter to merge (see lorakit merge --help)")
+    return args
+
+
+def _error(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the message holds
 
 
 if __name__ == "__main__":

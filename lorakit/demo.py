@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,13 @@ from lorakit.inject import inject
 from lorakit.io import load_adapter, save_adapter
 from lorakit.merge import merge
 from lorakit.models import load_model, model_bytes
+from lorakit.outputs import claim_output_dir
 from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.loop import fit
 from lorakit.train.tasks import make_task
 
 Echo = Callable[[str], None]
+DEMO_KIND = "demo"
 
 
 def _accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tuple[float, list[str]]:
@@ -33,9 +36,14 @@ def _accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tupl
     return demo_task.score(answers, [r["output"] for r in records]), answers
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), *, progress: bool = False, echo: Echo = lambda _: None
-             ) -> dict[str, Any]:
-    """Run the demo and return its figures (the keys of the JSON line `lorakit demo` prints last)."""
+def run_demo(out_dir: Path = Path("runs/demo"), *, force: bool = False, progress: bool = False,
+             echo: Echo = lambda _: None) -> dict[str, Any]:
+    """Run the demo and return its figures (the keys of the JSON line `lorakit demo` prints last).
+
+    `out_dir` must be new or empty, or an earlier demo's directory that `force` replaces (checked first)."""
+    if claim_output_dir(out_dir, kind=DEMO_KIND, force=force):
+        for name in ("train", "adapter"):
+            shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2")
     base_bytes = model_bytes(model)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 
 
 @dataclass
@@ -27,7 +28,11 @@ class SamplingConfig:
     num_beams: int = 1
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [f"{name} must be a finite number, got {getattr(self, name)!r}"
+                    for name in ("temperature", "top_p", "repetition_penalty")
+                    if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name))]
+        if problems:  # NaN passes every comparison below unnoticed
+            raise ConfigError(problems)
         if self.max_new_tokens <= 0:
             problems.append(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -42,6 +47,24 @@ class SamplingConfig:
             problems.append(f"num_beams must be an int >= 1, got {self.num_beams!r}")
         if problems:
             raise ConfigError(problems)
+
+
+def check_prompts(prompts: list[str], *, raw: bool) -> None:
+    """Raise LorakitError for no prompts, or for an empty raw prompt (nothing to continue from: with `raw` the
+    prompt is not wrapped in the chat template, so an empty one has no tokens at all)."""
+    if not prompts:
+        raise LorakitError("no prompt: pass --prompt TEXT or write prompts to standard input, one per line")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if raw and empty:
+        raise LorakitError(f"prompt {empty[0]} is empty; a raw prompt (--raw) needs text to continue from")
+
+
+def check_can_generate(model: nn.Module, name: str) -> None:
+    """Raise LorakitError when `model` cannot generate text (an encoder such as BERT has no language-model head)."""
+    can = getattr(model, "can_generate", None)
+    if not callable(can) or not can():
+        raise LorakitError(f"model {name!r} ({type(model).__name__}) cannot generate text: it is an encoder without "
+                           "a language-model head; use a causal LM such as smollm2")
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PRINCIPAL_NAME = "principal_init.safetensors"
+TASK_NAME = "task.json"  # the training task's state (labels, max_length...), written beside a trained adapter
 PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
 
@@ -260,7 +261,32 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], d
     tensors, metadata = _read_safetensors(weights_path)
     if "lorakit_checksum" in metadata and _checksum(tensors) != metadata["lorakit_checksum"]:
         raise LorakitError(f"{weights_path} is corrupted (checksum mismatch); re-save or re-copy the adapter")
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise LorakitError(f"{weights_path} holds NaN or infinite values in {len(broken)} tensor(s) (first: "
+                           f"{broken[0]!r}); the run that wrote it diverged: retrain with a lower optim.lr")
     return config, tensors, metadata
+
+
+def read_task_state(directory: str | Path) -> dict[str, Any] | None:
+    """The training task's state saved beside an adapter or a fully fine-tuned model (`task.json`), or None when
+    there is none. Raises LorakitError naming the file when it is not a JSON object with a task name."""
+    path = Path(directory) / TASK_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorakitError(f"{path} is not valid JSON ({e}); restore it from the run's checkpoint or delete it "
+                           "to use the adapter without its task") from None
+    if not isinstance(state, dict) or not isinstance(state.get("task"), str):
+        raise LorakitError(f"{path} must be a JSON object with a \"task\" name (as lorakit writes it); restore it "
+                           "from the run or delete it")
+    labels = state.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)
+                               or len(set(labels)) != len(labels)):
+        raise LorakitError(f"{path}: \"labels\" must be a list of distinct strings, got {labels!r}")
+    return state
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -383,18 +409,41 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """A summary of an adapter directory: base, targets, ranks, parameter count and sizes."""
+    """A summary of an adapter directory: base, targets, ranks, parameter count and sizes.
+
+    The ranks are read from the factors themselves; an `adapter_config.json` whose `r` (or `rank_pattern`) says
+    otherwise is an inconsistent adapter and raises LorakitError naming the first disagreeing module.
+    """
     raw_config, tensors, metadata = read_adapter(path)
     config = config_from_peft(raw_config)
+    ranks = factor_ranks(tensors)
+    for module, rank in ranks.items():
+        if rank != config.rank_for(module):
+            raise LorakitError(f"{Path(path) / WEIGHTS_NAME} holds rank-{rank} factors for {module!r} but "
+                               f"{CONFIG_NAME} says rank {config.rank_for(module)}; the adapter is inconsistent: "
+                               "re-save it")
     files = [p for p in Path(path).iterdir() if p.is_file()]
+    counts = sorted(set(ranks.values()))
     return {
         "base_model": raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model"),
         "fingerprint": metadata.get("lorakit_fingerprint"),
         "task_type": raw_config.get("task_type"),
-        "rank": config.rank, "alpha": config.alpha, "init": config.init, "rslora": config.rslora,
-        "targets": len(raw_config.get("target_modules") or []),
+        "rank": counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}" if counts else None,
+        "alpha": config.alpha, "init": config.init, "rslora": config.rslora,
+        "targets": len(ranks),
         "rank_overrides": len(config.rank_pattern),
         "modules_to_save": config.modules_to_save,
         "parameters": sum(t.numel() for t in tensors.values()),
         "bytes": sum(p.stat().st_size for p in files),
     }
+
+
+def factor_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
+    """The rank of each adapted module, read from its A factor's first dimension (PEFT or lorakit keys)."""
+    ranks = {}
+    for key, tensor in tensors.items():
+        name = _from_peft_key(key)
+        for leaf in (".lora_A.weight", ".lora_embedding_A"):
+            if name.endswith(leaf):
+                ranks[name.removesuffix(leaf)] = int(tensor.shape[0])
+    return ranks

@@ -82,8 +82,9 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
 
     name_or_path: a short name from `BUNDLED_MODELS` (`smollm2`, `minilm`), a local model directory (with
         `config.json`), or a Hugging Face hub id (needs the network unless it is in the hub cache).
-    head: the model class on top of the transformer. `auto` picks the checkpoint's own head when its `architectures` name one, else a causal LM for
-        decoder model types (llama, gpt2, ...) and the bare encoder (`AutoModel`) for the rest (bert, ...).
+    head: the model class on top of the transformer. `auto` picks the checkpoint's own head when its
+        `architectures` name one, else a causal LM for decoder model types (llama, gpt2, ...) and the bare
+        encoder (`AutoModel`) for the rest (bert, ...).
         Or one of `causal-lm`, `sequence-classification`, `token-classification`, `question-answering`,
         `base`.
     num_labels: classifier outputs, for the two classification heads only (default: the config's).

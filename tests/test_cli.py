@@ -119,14 +119,15 @@ def test_merged_directory_loads_in_plain_transformers_with_the_adapted_outputs(t
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lorakit.train.run import load_for_inference
+    from lorakit.inference import load_for_inference
 
     config = _config(tmp_path, tiny_classifier_dir, *sentiment_tsv, optim={"max_steps": 3})
     assert main(["train", config, "--quiet"]) == 0
     adapter = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapter_dir"]
     assert main(["merge", "--model", str(tiny_classifier_dir), "--adapter", adapter, "--out",
                  str(tmp_path / "merged")]) == 0
-    adapted, tokenizer = load_for_inference(str(tiny_classifier_dir), adapter)
+    loaded = load_for_inference(str(tiny_classifier_dir), adapter)
+    adapted, tokenizer = loaded.model, loaded.tokenizer
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     batch = tokenizer(["a fine film", "bad acting"], return_tensors="pt", padding=True)
     with torch.no_grad():

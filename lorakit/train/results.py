@@ -6,11 +6,15 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from lorakit.train.config import TrainConfig
 
 COLUMNS = ("task", "data", "model", "method", "metric", "value", "trainable_params", "trainable_pct",
            "train_seconds", "steps")
@@ -20,12 +24,67 @@ def record_result(entry: dict[str, Any], json_path: str | Path) -> None:
     """Append `entry` (task, model, method, metric, value, trainable_params, train_seconds, command, ...) to the
     JSON list at `json_path` and rewrite the Markdown table beside it (same name, `.md`)."""
     json_path = Path(json_path)
-    entries = json.loads(json_path.read_text()) if json_path.is_file() else []
+    entries = read_results(json_path)
     entry = {**entry, "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     entries.append(entry)
     atomic_write_bytes(json_path, (json.dumps(entries, indent=2) + "\n").encode())
     atomic_write_bytes(json_path.with_suffix(".md"), render_markdown(entries).encode())
+
+
+def results_task(config: TrainConfig) -> str:
+    """The task a result is filed under: `translation` for parallel text (trained as instruction tuning)."""
+    return "translation" if config.data.format == "parallel" else config.data.task
+
+
+def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
+    """What an evaluation scores, for the results table: the training method recorded by the run that wrote the
+    adapter or model (`lora`, `lora-principal`, `full`, `head-only`: read from the run's config.json next to
+    it), else `adapter` for an adapter from elsewhere and `base` for a model that no run here wrote."""
+    source = Path(adapter) if adapter is not None else Path(model_name)
+    run_config = source.parent / "config.json"
+    if source.is_dir() and run_config.is_file():
+        try:
+            saved = json.loads(run_config.read_text())
+            method, init = saved["run"]["method"], saved["lora"]["init"]
+        except (ValueError, KeyError, TypeError):
+            method = None
+        if method == "lora" and init == "principal":
+            return "lora-principal"
+        if isinstance(method, str):
+            return method
+    return "adapter" if adapter is not None else "base"
+
+
+def train_record(summary: dict[str, Any], data: str, command: str, note: str | None = None) -> dict[str, Any]:
+    """The entry `lorakit train --record` appends: the run's summary (`TrainSummary.as_json()`), its data file,
+    the trainable share and the command that produced it."""
+    share = 100 * summary["trainable_params"] / max(summary["total_params"], 1)
+    return {**summary, "data": data, "trainable_pct": share, "command": command, "note": note}
+
+
+def check_results_file(json_path: str | Path) -> None:
+    """Raise LorakitError unless `json_path` is a results file lorakit can append to (a JSON list), or absent
+    with a `.json` name; called before a run so that a bad `--record` costs no training."""
+    path = Path(json_path)
+    if path.suffix != ".json":
+        raise LorakitError(f"--record {json_path}: a results file is a .json file (the table goes beside it as "
+                           ".md); e.g. --record docs/results.json")
+    read_results(path)
+
+
+def read_results(json_path: Path) -> list[dict[str, Any]]:
+    """The entries of a results file ([] when absent); raises LorakitError when it is not lorakit's JSON list."""
+    if not json_path.exists():
+        return []
+    try:
+        entries = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LorakitError(f"{json_path} is not a readable results file ({e}); choose another --record path") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise LorakitError(f"{json_path} is not a lorakit results file (a JSON list of entries); choose another "
+                           "--record path")
+    return entries
 
 
 def render_markdown(entries: list[dict[str, Any]]) -> str:

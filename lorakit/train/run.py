@@ -23,22 +23,26 @@ from lorakit.config import LoraConfig
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
+from lorakit.inference import HEAD_FOR_TASK
 from lorakit.inject import AdapterState, InjectionReport, inject
-from lorakit.io import CONFIG_NAME, load_adapter
+from lorakit.io import TASK_NAME
 from lorakit.models import load_model
+from lorakit.outputs import OutputExistsError, claim_output_dir
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import map_columns, read_records
+from lorakit.train.data import check_labels, map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
-from lorakit.train.metrics_log import plot_loss_curve
+from lorakit.train.metrics_log import METRICS_FILE, plot_loss_curve
+from lorakit.train.preflight import check_max_length, check_output_dir
 from lorakit.train.readers import read_squad
+from lorakit.train.results import results_task
 from lorakit.train.task import Features, Task
-from lorakit.train.tasks import make_task, task_from_state
+from lorakit.train.tasks import make_task
 
 log = logging.getLogger(__name__)
-TASK_FILE = "task.json"
-_MODEL_TASK = {"classification": "sequence-classification", "instruction": "causal-lm",
-               "ner": "token-classification", "qa": "question-answering"}
+RUN_KIND = "train run"
+# What a run writes in its directory, and so what `--force` may replace; anything else there is left alone.
+RUN_FILES = ("checkpoints", ADAPTER_DIR, "model", METRICS_FILE, "loss.png", "tensorboard", "config.json")
 
 
 @dataclass
@@ -84,9 +88,9 @@ class TrainSummary:
 def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and eval records, columns renamed to the task's fields; eval held out from train if no file."""
     d = config.data
-    train = _records(task, d.train, d.format, d.train_articles, d.columns)
+    train = _records(task, d.train, d.format, d.train_articles, d.columns, d.encoding)
     if d.eval:
-        evaluation = _records(task, d.eval, d.format, d.eval_articles, d.columns)
+        evaluation = _records(task, d.eval, d.format, d.eval_articles, d.columns, d.encoding)
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.run.seed).shuffle(order)
@@ -101,25 +105,27 @@ def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], li
     return train, evaluation
 
 
-def _records(task: Task, path: str, format: str | None, articles: list[int] | None, columns: dict[str, str]
-             ) -> list[dict[str, Any]]:
+def _records(task: Task, path: str, format: str | None, articles: list[int] | None, columns: dict[str, str],
+             encoding: str = "utf-8") -> list[dict[str, Any]]:
     """One file's records, columns renamed; a task with `check_records` checks them here, where an error can name
     the file and the record's number in it (before any split, shuffle or limit renumbers them)."""
-    records = map_columns(_read(path, format, articles), columns, path)
+    records = map_columns(_read(path, format, articles, encoding), columns, path)
+    check_labels(records, task.name, path, columns=columns, format=format, encoding=encoding)
     check = getattr(task, "check_records", None)
     if callable(check):
         check(records, path)
     return records
 
 
-def _read(path: str, format: str | None, articles: list[int] | None) -> list[dict[str, Any]]:
+def _read(path: str, format: str | None, articles: list[int] | None, encoding: str = "utf-8"
+          ) -> list[dict[str, Any]]:
     """read_records, or the SQuAD articles [start, stop) of a squad file (the config checks the format)."""
     if articles is not None:
-        return read_squad(path, articles=slice(*articles))
-    return read_records(path, format=format)
+        return read_squad(path, articles=slice(*articles), encoding=encoding)
+    return read_records(path, format=format, encoding=encoding)
 
 
-def _task_options(config: TrainConfig) -> dict[str, Any]:
+def task_options(config: TrainConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"max_length": config.data.max_length}
     if config.data.task in ("classification", "ner") and config.data.labels is not None:
         options["labels"] = config.data.labels
@@ -132,13 +138,14 @@ def prepare(config: TrainConfig) -> Prepared:
     """Load the base model, build the task, read and encode the data and inject the adapter."""
     torch.manual_seed(config.run.seed)  # the new head's and the adapter's initial weights
     _, tokenizer = load_model(config.model.name, head="causal-lm" if config.data.task == "instruction" else "base")
-    task = make_task(config.data.task, tokenizer, **_task_options(config))
+    task = make_task(config.data.task, tokenizer, **task_options(config))
     train_records, eval_records = load_data(config, task)
     num_labels = None
     if hasattr(task, "fit_labels"):
         num_labels = len(task.fit_labels(train_records))
-    model, _ = load_model(config.model.name, head=_MODEL_TASK[config.data.task], num_labels=num_labels,
+    model, _ = load_model(config.model.name, head=HEAD_FOR_TASK[config.data.task], num_labels=num_labels,
                           dtype=getattr(torch, config.model.dtype))
+    check_max_length(config.data.max_length, model.config, config.model.name)
     train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
     lora = config.lora
     heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
@@ -179,9 +186,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         config.use_cache = False
 
 
-def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bool = False,
+def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = False,
                       world: World | None = None) -> TrainSummary:
-    """Run a whole training job and write `out_dir/adapter` (the best checkpoint's adapter, or the last one)."""
+    """Run a whole training job and write `out_dir/adapter` (the best checkpoint's adapter, or the last one).
+
+    `run.out_dir` must be new or empty; an earlier run there is continued with `resume` or replaced with `force`
+    (its checkpoints, adapter, metrics and plots; nothing else), and a directory holding anything else is refused.
+    All of this is checked before the model loads.
+    """
+    check_output_dir(config.run.out_dir)  # before any model loads
+    if not resume and World.from_env().is_main:
+        _claim_run_dir(Path(config.run.out_dir), force)
     device = _device(config.run.device)
     world = world or distributed.init_world(device)
     device = distributed.device_for(world, device)
@@ -194,9 +209,6 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, progress: bo
 def _train(config: TrainConfig, world: World, device: torch.device, *, resume: bool, progress: bool
            ) -> TrainSummary:
     out_dir = Path(config.run.out_dir)
-    if not resume and list_checkpoints(out_dir):
-        raise LorakitError(f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another "
-                           "run.out_dir")
     prepared = prepare(config)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,10 +222,25 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
         method = "lora-principal"
     metric_value = _best_metrics(result, prepared.task.metric)
     return TrainSummary(
-        task=result_task(config), model=config.model.name, method=method, metric=prepared.task.metric,
+        task=results_task(config), model=config.model.name, method=method, metric=prepared.task.metric,
         value=metric_value, trainable_params=prepared.report.trainable_params,
         total_params=prepared.report.total_params, steps=result.steps, train_seconds=result.seconds,
         adapter_dir=str(adapter_dir), adapter_bytes=_dir_bytes(adapter_dir), loss_curve=str(curve) if curve else None)
+
+
+def _claim_run_dir(out_dir: Path, force: bool) -> None:
+    """A fresh run's directory: new, empty, or an earlier run replaced on `force` (only the files a run writes)."""
+    if list_checkpoints(out_dir) and not force:
+        raise OutputExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue, --force to start "
+                                "over, or choose another run.out_dir")
+    if claim_output_dir(out_dir, kind=RUN_KIND, force=force,
+                         replace_hint="pass --resume to continue it or --force to start over"):
+        for name in RUN_FILES:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
 
 
 def _best_metrics(result: TrainResult, metric: str) -> float | None:
@@ -236,7 +263,7 @@ def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
         def fill_model(tmp: Path) -> None:
             prepared.model.save_pretrained(tmp)  # type: ignore[operator]
             prepared.tokenizer.save_pretrained(tmp)
-            (tmp / TASK_FILE).write_text(task_json)
+            (tmp / TASK_NAME).write_text(task_json)
 
         atomic_write_dir(out_dir / "model", fill_model)
         return out_dir / "model"
@@ -244,7 +271,7 @@ def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
     def fill(tmp: Path) -> None:
         for file in (source / ADAPTER_DIR).iterdir():
             shutil.copy2(file, tmp / file.name)
-        (tmp / TASK_FILE).write_text(task_json)
+        (tmp / TASK_NAME).write_text(task_json)
 
     atomic_write_dir(out_dir / ADAPTER_DIR, fill)
     return out_dir / ADAPTER_DIR
@@ -260,79 +287,3 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise LorakitError("run.device=cuda but no CUDA device is available; use auto or cpu")
     return torch.device(name)
-
-
-def load_for_inference(model_name: str | None, adapter: str | Path | None = None
-                       ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A base model (by name, or the adapter's recorded base) with an optional adapter applied, in eval mode."""
-    task_state: dict[str, Any] | None = None
-    if adapter is None and model_name is not None and (Path(model_name) / TASK_FILE).is_file():
-        task_state = json.loads((Path(model_name) / TASK_FILE).read_text())  # a published full fine-tune
-    if adapter is not None:
-        adapter = Path(adapter)
-        if (adapter / TASK_FILE).is_file():
-            task_state = json.loads((adapter / TASK_FILE).read_text())
-        if model_name is None and (adapter / CONFIG_NAME).is_file():
-            model_name = json.loads((adapter / CONFIG_NAME).read_text()).get("base_model_name_or_path")
-    model_name = model_name or "smollm2"
-    if task_state and task_state.get("task") in ("classification", "ner", "qa"):  # a saved head needs its class
-        labels = task_state.get("labels")
-        model, tokenizer = load_model(model_name, head=_MODEL_TASK[task_state["task"]],
-                                      num_labels=len(labels) if labels else None)
-    else:
-        model, tokenizer = load_model(model_name)
-    if adapter is not None:
-        load_adapter(model, adapter)
-    return model.eval(), tokenizer
-
-
-def result_task(config: TrainConfig) -> str:
-    """The task a result is filed under: `translation` for parallel text (trained as instruction tuning)."""
-    return "translation" if config.data.format == "parallel" else config.data.task
-
-
-def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
-    """What an evaluation scores, for the results table: the training method recorded by the run that wrote the
-    adapter or model (`lora`, `lora-principal`, `full`, `head-only`: read from the run's config.json next to
-    it), else `adapter` for an adapter from elsewhere and `base` for a model that no run here wrote."""
-    source = Path(adapter) if adapter is not None else Path(model_name)
-    run_config = source.parent / "config.json"
-    if source.is_dir() and run_config.is_file():
-        try:
-            saved = json.loads(run_config.read_text())
-            method, init = saved["run"]["method"], saved["lora"]["init"]
-        except (ValueError, KeyError, TypeError):
-            method = None
-        if method == "lora" and init == "principal":
-            return "lora-principal"
-        if isinstance(method, str):
-            return method
-    return "adapter" if adapter is not None else "base"
-
-
-def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None, *, num_beams: int = 1
-                         ) -> dict[str, float]:
-    """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data.
-    Translation data (`data.format: parallel`) is scored by BLEU and chrF of greedy (or beam) generations."""
-    model, tokenizer = load_for_inference(config.model.name, adapter)
-    source = Path(adapter) if adapter is not None else Path(config.model.name)
-    state_file = source / TASK_FILE
-    if state_file.is_file():
-        task = task_from_state(tokenizer, json.loads(state_file.read_text()))
-    else:
-        task = make_task(config.data.task, tokenizer, **_task_options(config))
-    train_records, eval_records = load_data(config, task)
-    if not eval_records:
-        raise LorakitError("no evaluation data: set data.eval or data.eval_fraction")
-    if hasattr(task, "fit_labels"):
-        task.fit_labels(train_records)
-    if config.data.format == "parallel":  # translation: score generated text, not the teacher-forced loss
-        from lorakit.generation import SamplingConfig
-        from lorakit.train.tasks.translation import evaluate_generation, translation_scores
-
-        sampling = SamplingConfig(max_new_tokens=config.data.max_length // 2, num_beams=num_beams)
-        return evaluate_generation(model, tokenizer, eval_records, sampling, translation_scores,
-                                   batch_size=config.run.eval_batch_size)
-    features = task.encode(eval_records)
-    with torch.no_grad():
-        return task.evaluate(model, features, config.run.eval_batch_size)

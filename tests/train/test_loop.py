@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import approx, write_config
 from safetensors.torch import load_file
 
 from lorakit.train.checkpoint import list_checkpoints, load_trainer_state
 from lorakit.train.config import load_train_config
+from lorakit.train.evaluate import evaluate_from_config
 from lorakit.train.loop import TrainingError, fit
-from lorakit.train.run import evaluate_from_config, prepare, train_from_config
+from lorakit.train.run import prepare, train_from_config
 
 WEIGHTS = "adapter/adapter_model.safetensors"
 
@@ -62,7 +64,7 @@ def test_run_killed_three_times_and_resumed_ends_with_the_same_adapter(tmp_path,
     actual = load_file(tmp_path / "killed" / WEIGHTS)
     assert expected.keys() == actual.keys()
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-6)
+        assert torch.equal(actual[key], expected[key]), key  # bit-exact: resume restores every state exactly
     history = [line for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(history) == 12  # one history: lines past a checkpoint were dropped on resume
 
@@ -85,11 +87,46 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ti
         return loss * float("nan") if len(calls) == 3 else loss
 
     prepared.task.loss = poisoned  # type: ignore[method-assign]
-    with pytest.raises(TrainingError, match=r"loss is nan at step 3"):
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 .*; training stopped and the newest checkpoint, "
+                                            r"step-00000002 in .*checkpoints, is kept"):
         fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
     checkpoints = list_checkpoints(tmp_path / "r")
     assert [s for s, _ in checkpoints] == [1, 2]
     assert load_trainer_state(checkpoints[-1][1])["step"] == 2
+
+
+def test_nan_loss_before_any_checkpoint_says_none_was_written(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r"))
+    config.optim.lr = float("nan")  # what `optim.lr: .nan` would give if it got past validation
+    prepared = prepare(config)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2 .*; training stopped and no checkpoint was "
+                                            r"written yet, so there is none to resume from"):
+        fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+    assert not list_checkpoints(tmp_path / "r")
+
+
+def test_resume_past_a_truncated_newest_checkpoint_continues_from_the_previous_one(tmp_path, tiny_classifier_dir,
+                                                                                  sentiment_tsv, caplog):
+    def config(name: str, steps: int) -> object:
+        return load_train_config(write_config(tmp_path / f"{name}.yaml", tiny_classifier_dir, *sentiment_tsv,
+                                              tmp_path / name, run={"save_every": 2, "keep_last": 3},
+                                              optim={"max_steps": steps, "schedule": "constant", "warmup_steps": 0}))
+
+    train_from_config(config("straight", 6))
+    train_from_config(config("resumed", 4))
+    state_file = tmp_path / "resumed" / "checkpoints" / "step-00000004" / "trainer_state.safetensors"
+    state_file.write_bytes(state_file.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING):
+        train_from_config(config("resumed", 6), resume=True)
+    assert "skipped checkpoint step-00000004: " in caplog.text and "does not match" in caplog.text
+    assert "resuming from the previous complete checkpoint step-00000002" in caplog.text
+    # Steps 3 and 4 were trained again (at a constant learning rate, so 4 + 2 steps compute what 6 steps do): the
+    # same adapter as a run never interrupted.
+    for step in (4, 6):
+        expected = load_file(tmp_path / "straight" / "checkpoints" / f"step-{step:08d}" / WEIGHTS)
+        actual = load_file(tmp_path / "resumed" / "checkpoints" / f"step-{step:08d}" / WEIGHTS)
+        assert all(torch.equal(actual[k], v) for k, v in expected.items()), step
+    assert (tmp_path / "resumed" / "checkpoints" / "step-00000004.unusable").is_dir()
 
 
 def test_adapters_without_gradient_are_an_error(tmp_path, tiny_classifier_dir, sentiment_tsv):
@@ -120,7 +157,7 @@ def test_reloaded_classifier_scores_what_it_scored_before_saving(tmp_path, tiny_
                                             optim={"max_steps": 10}, run={"eval_every": 5}))
     summary = train_from_config(config)
     assert summary.value is not None
-    metrics = evaluate_from_config(config, adapter=summary.adapter_dir)
+    metrics = evaluate_from_config(config, adapter=summary.adapter_dir).metrics
     assert metrics["accuracy"] == pytest.approx(summary.value, abs=0)
     assert (Path(summary.adapter_dir) / "task.json").is_file()
 
@@ -135,15 +172,20 @@ def test_early_stopping_ends_the_run_when_the_metric_stalls(tmp_path, tiny_class
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, tiny_classifier_dir, sentiment_tsv):
-    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
-                                            run={"mixed_precision": "bf16"}, optim={"max_steps": 3}))
-    prepared = prepare(config)
-    before = {k: v.clone() for k, v in prepared.model.state_dict().items() if "lora_B" in k}
-    result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
-    assert all(e["loss"] == e["loss"] for e in result.history if "loss" in e)
-    after = prepared.model.state_dict()
-    assert all(not torch.equal(after[k], v) for k, v in before.items())
-    assert all(v.dtype == torch.float32 for v in after.values())  # autocast: weights stay fp32
+    first_loss = {}
+    for precision in ("no", "bf16"):  # the same seed: the same initial adapter, first batch and dropout masks
+        config = load_train_config(write_config(tmp_path / f"{precision}.yaml", tiny_classifier_dir, *sentiment_tsv,
+                                                tmp_path / precision, run={"mixed_precision": precision},
+                                                optim={"max_steps": 3}))
+        prepared = prepare(config)
+        before = {k: v.clone() for k, v in prepared.model.state_dict().items() if "lora_B" in k}
+        result = fit(prepared.model, prepared.task, prepared.train, prepared.eval, config.optim, config.run)
+        first_loss[precision] = result.history[0]["loss"]
+        after = prepared.model.state_dict()
+        assert all(not torch.equal(after[k], v) for k, v in before.items())
+        assert all(v.dtype == torch.float32 for v in after.values())  # autocast: weights stay fp32
+    assert first_loss["bf16"] != first_loss["no"]  # the forward did run in bf16
+    assert first_loss["bf16"] == approx(first_loss["no"], torch.bfloat16)
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_classifier_dir, sentiment_tsv):
@@ -169,7 +211,7 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_classifier
 def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path):
     import json
 
-    from lorakit.train.run import evaluated_method
+    from lorakit.train.results import evaluated_method
 
     def run_dir(name: str, method: str, init: str) -> Path:
         out = tmp_path / name

@@ -16,8 +16,9 @@ from transformers import BertConfig, BertForTokenClassification, PreTrainedToken
 from lorakit.errors import LorakitError
 from lorakit.train.config import load_train_config
 from lorakit.train.data import read_records
+from lorakit.train.evaluate import evaluate_from_config
 from lorakit.train.readers import read_conll
-from lorakit.train.run import evaluate_from_config, prepare, train_from_config
+from lorakit.train.run import prepare, train_from_config
 from lorakit.train.tasks import make_task, task_from_state
 from lorakit.train.tasks.ner import IGNORE, TokenClassification, entity_scores
 
@@ -210,7 +211,8 @@ def test_ner_config_trains_and_the_reloaded_adapter_scores_the_same(tmp_path: Pa
     assert prepared.report.modules_to_save == ["classifier"]
     summary = train_from_config(config)
     assert summary.metric == "f1" and summary.value is not None
-    assert evaluate_from_config(config, adapter=summary.adapter_dir)["f1"] == pytest.approx(summary.value, abs=0)
+    evaluation = evaluate_from_config(config, adapter=summary.adapter_dir)
+    assert evaluation.metrics["f1"] == pytest.approx(summary.value, abs=0)
 
 
 # --- real data ----------------------------------------------------------------------------------------------------

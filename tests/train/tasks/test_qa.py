@@ -18,8 +18,9 @@ from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokeniz
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.config import load_train_config
 from lorakit.train.data import read_records
+from lorakit.train.evaluate import evaluate_from_config
 from lorakit.train.readers import read_squad
-from lorakit.train.run import evaluate_from_config, train_from_config
+from lorakit.train.run import train_from_config
 from lorakit.train.tasks import task_from_state
 from lorakit.train.tasks.qa import ExtractiveQA, best_span, normalize_answer, squad_f1, squad_scores
 
@@ -193,7 +194,7 @@ def test_squad_config_splits_by_article_trains_and_reloads(tmp_path: Path, tiny_
     config = load_train_config(config_path)
     summary = train_from_config(config)
     assert summary.metric == "f1" and summary.value is not None
-    metrics = evaluate_from_config(config, adapter=summary.adapter_dir)
+    metrics = evaluate_from_config(config, adapter=summary.adapter_dir).metrics
     assert metrics["f1"] == pytest.approx(summary.value, abs=0) and "exact_match" in metrics
 
 

@@ -1,0 +1,95 @@
+"""Loading a model for inference: the one loader behind `merge`, `generate`, `chat`, `eval` and the Python API.
+
+    loaded = load_for_inference(adapter="runs/sst2/adapter")   # the base the adapter records, its head, its labels
+    loaded = load_for_inference("smollm2")                      # a base alone
+    loaded.model, loaded.tokenizer, loaded.task_state
+
+The adapter directory is read and checked (files, checksum, finite values, `task.json`) before the base model is
+loaded, so a bad adapter costs no model load. Without `model`, the base is the one the adapter records; a base
+the adapter does not fit is refused in one line naming both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorakit.errors import LorakitError
+from lorakit.io import load_adapter, read_adapter, read_task_state
+from lorakit.models import load_model
+
+DEFAULT_MODEL = "smollm2"
+# The model head each training task trains (`data.task` -> `load_model(head=...)`).
+HEAD_FOR_TASK: dict[str, str] = {"classification": "sequence-classification", "instruction": "causal-lm",
+                                 "ner": "token-classification", "qa": "question-answering"}
+_LABELLED_HEADS = ("sequence-classification", "token-classification")
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference (eval mode) with its tokenizer; `base` is the base model it was built on and
+    `task_state` the training task saved with the adapter or model (labels, max_length, ...), if any."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    base: str
+    task_state: dict[str, Any] | None
+    adapter: Path | None
+
+
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base model an adapter directory records (`base_model_name_or_path`, else lorakit's header field)."""
+    raw_config, _, metadata = read_adapter(adapter)
+    return raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model") or None
+
+
+def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *,
+                       dtype: torch.dtype = torch.float32) -> Loaded:
+    """The base `model` (default: the adapter's recorded base, else `smollm2`) with `adapter` applied, with the
+    head and label names of the task the adapter (or a fully fine-tuned model directory) was trained for.
+
+    Raises LorakitError for a missing or damaged adapter, an invalid `task.json`, or a base the adapter does not
+    fit.
+    """
+    adapter_dir = Path(adapter) if adapter is not None else None
+    base = model
+    if adapter_dir is not None:
+        recorded = recorded_base(adapter_dir)  # also validates the adapter before any model loads
+        base = base or recorded
+        task_state = read_task_state(adapter_dir)
+    base = base or DEFAULT_MODEL
+    if adapter_dir is None:
+        task_state = read_task_state(base) if Path(base).is_dir() else None  # a published full fine-tune
+    head, labels = _head_and_labels(task_state)
+    num_labels = len(labels) if labels and head in _LABELLED_HEADS else None
+    loaded_model, tokenizer = load_model(base, head=head, num_labels=num_labels, dtype=dtype)
+    if labels and head in _LABELLED_HEADS:
+        set_label_names(loaded_model, labels)
+    if adapter_dir is not None:
+        load_adapter(loaded_model, adapter_dir)
+    return Loaded(loaded_model.eval(), tokenizer, base, task_state, adapter_dir)
+
+
+def _head_and_labels(task_state: dict[str, Any] | None) -> tuple[str, list[str] | None]:
+    if task_state is None:
+        return "auto", None
+    task = task_state["task"]
+    if task not in HEAD_FOR_TASK:
+        raise LorakitError(f"task.json names task {task!r}, which this lorakit does not know; known tasks: "
+                           f"{', '.join(HEAD_FOR_TASK)}")
+    return HEAD_FOR_TASK[task], task_state.get("labels")
+
+
+def set_label_names(model: nn.Module, labels: list[str]) -> None:
+    """Give a classifier's config the task's label names (id2label / label2id), so that a saved or merged model
+    reports `positive`, not `LABEL_1`."""
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        return
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
