@@ -11,7 +11,7 @@ RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_recipe_count():
-    assert len(RECIPES) == 6, [p.name for p in RECIPES]
+    assert len(RECIPES) == 7, [p.name for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -1,12 +1,15 @@
-"""Instruction tuning of a causal LM: learn to answer an (instruction, input) with the output.
+"""Instruction tuning of a causal LM: learn to answer as the assistant of a conversation.
 
-    task = InstructionTuning(tokenizer)                 # Alpaca fields: instruction, input, output
-    features = task.encode(read_records("alpaca_en_demo.json"))
+    task = InstructionTuning(tokenizer)
+    features = task.encode(read_records("alpaca_en_demo.json"))   # or OpenAI messages, or ShareGPT
 
-Each record becomes one conversation in the model's own chat template: a user turn (the instruction, then a
-blank line and the input when there is one) and an assistant turn (the output). The loss covers the assistant's
-tokens only, end-of-turn included, so the model learns to answer and to stop, not to predict prompts. A tokenizer
-without a chat template gets the plain Alpaca layout, `### Instruction:` / `### Response:`.
+Each record is one conversation, in one of three layouts told apart by their fields (`conversation.py`): Alpaca
+(`instruction`, `input`, `output`: a user turn, the instruction then a blank line and the input when there is
+one, and an assistant turn, the output), OpenAI `messages` (role/content) or ShareGPT `conversations`
+(from/value), multi-turn with an optional system turn. The conversation is rendered with the model's own chat
+template and the loss covers the assistant's tokens only, every assistant turn with its end-of-turn, so the model
+learns to answer and to stop, not to predict prompts. A tokenizer without a chat template gets the plain layout,
+`### Instruction:` / `### Response:`.
 """
 
 from __future__ import annotations
@@ -23,19 +26,28 @@ from lorakit.errors import LorakitError
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.lm_loss import IGNORE, causal_lm_loss
 from lorakit.train.task import Batch, Features
+from lorakit.train.tasks.conversation import (
+    PLAIN_PROMPT,
+    Message,
+    Span,
+    detect_layout,
+    encode_chat,
+    encode_plain,
+    read_messages,
+    record_name,
+)
 
 log = logging.getLogger(__name__)
 
-_PROMPT, _RESPONSE = "### Instruction:\n{user}\n\n### Response:\n", "{output}"
-
 
 class InstructionTuning:
-    """Supervised fine-tuning on (instruction, input, output) records; metric: loss over response tokens.
+    """Supervised fine-tuning on conversations; metric: loss over the assistant's tokens.
 
-    instruction, input, output: the record fields; `input` may be missing or empty.
-    max_length: conversations are cut to this many tokens from the right; a record whose prompt alone fills
-        `max_length` has nothing left to learn from and is skipped (with one logged warning per `encode`).
-    system: an optional system message put before the user turn.
+    instruction, input, output: the fields of Alpaca-layout records; `input` may be missing or empty.
+    max_length: conversations are cut to this many tokens from the right; a record whose prompt before the first
+        reply fills `max_length` has nothing left to learn from and is skipped (with one logged warning per
+        `encode`).
+    system: a system message put first in every conversation that has none of its own.
     """
 
     name = "instruction"
@@ -59,15 +71,17 @@ class InstructionTuning:
         return []  # the LM head is pretrained; nothing new to train in full
 
     def prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        """The token ids of `record`'s prompt, ending where the model should start answering (not truncated)."""
-        return self._tokenize([self._prompt_text(record, 0)])[0]
+        """The token ids of `record`'s conversation up to where the model should start its last reply, exactly as
+        in training (not truncated)."""
+        ids, spans = self._encode(self._conversations([record]))[0]
+        return ids[:spans[-1][0]]
 
     def generation_prompt(self, record: dict[str, Any], i: int = 0) -> tuple[str, bool]:
         """(prompt, chat) for `lorakit.generation.generate(..., [prompt], chat=chat)` to continue where this task's
         training prompt ends: the user turn when the tokenizer has a chat template (`generate` renders it with that
         template: the same tokens), else the plain `### Instruction:` layout (with the special tokens the tokenizer
-        adds by default, where training puts only its BOS). Raises LorakitError for a system message with a chat
-        template (`generate` renders a user turn only)."""
+        adds by default, where training puts only its BOS). For Alpaca-layout records. Raises LorakitError for a
+        system message with a chat template (`generate` renders a user turn only)."""
         if not self.uses_chat_template:
             return self._prompt_text(record, i), False
         if self.system:
@@ -75,29 +89,26 @@ class InstructionTuning:
                                "drop system= or render the prompts yourself")
         return self._user_text(record, i), True
 
+    def check_records(self, records: list[dict[str, Any]], source: str) -> None:
+        """Check a file's records before any split (layout, fields, roles, turn order), naming `source` and the
+        record's number in it. Raises LorakitError; `encode` checks the same, naming the record only."""
+        self._conversations(records, source)
+
     def encode(self, records: list[dict[str, Any]]) -> list[Features]:
-        """-> {"input_ids": [...], "labels": [...]} with labels IGNORE on the prompt; see the class docstring."""
-        prompts = [self._prompt_text(record, i) for i, record in enumerate(records)]
-        responses = [self._response_text(record, i) for i, record in enumerate(records)]
-        prompt_ids = self._tokenize(prompts)
-        if self.uses_chat_template:
-            full_ids = self._tokenize(responses)  # each response text is the whole templated conversation
-        else:
-            end = [self.tokenizer.eos_token_id] if isinstance(self.tokenizer.eos_token_id, int) else []
-            outputs = self._tokenize(responses, add_bos=False)
-            full_ids = [p + r + end for p, r in zip(prompt_ids, outputs, strict=True)]
+        """-> {"input_ids": [...], "labels": [...]} with labels IGNORE outside the assistant's turns; see the class
+        docstring. Raises LorakitError naming the record for a malformed record or a chat template that breaks
+        the prefix property (`conversation.encode_chat`)."""
         features: list[Features] = []
         skipped: list[int] = []
-        for i, (prompt, full) in enumerate(zip(prompt_ids, full_ids, strict=True)):
-            if full[:len(prompt)] != prompt:
-                raise LorakitError(f"record {i}: the chat template's prompt does not tokenize as a prefix of the "
-                                   f"whole conversation, so the response cannot be located (an output that "
-                                   f"starts with whitespace can cause this); strip the output's whitespace")
-            if not 0 < len(prompt) < self.max_length or len(full) == len(prompt):
+        for i, (full, spans) in enumerate(self._encode(self._conversations(records))):
+            labels = [IGNORE] * len(full)
+            for start, end in spans:
+                labels[start:end] = full[start:end]
+            ids, labels = full[:self.max_length], labels[:self.max_length]
+            if all(label == IGNORE for label in labels[1:]):  # position 0 is never predicted
                 skipped.append(i)
                 continue
-            ids = full[:self.max_length]  # keeps at least one response token: len(prompt) < max_length
-            features.append({"input_ids": ids, "labels": [IGNORE] * len(prompt) + ids[len(prompt):]})
+            features.append({"input_ids": ids, "labels": labels})
         if skipped:
             log.warning("skipped %d of %d records whose prompt alone has %d tokens or more (first: record %d); "
                         "raise max_length to keep them", len(skipped), len(records), self.max_length, skipped[0])
@@ -147,56 +158,45 @@ class InstructionTuning:
             raise LorakitError("a batch has no response tokens to learn from; check the records' outputs")
         return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    def _user_text(self, record: dict[str, Any], i: int) -> str:
-        instruction = _text(record, i, self.instruction)
+    def _conversations(self, records: list[dict[str, Any]], source: str | None = None) -> list[list[Message]]:
+        """Each record as messages (system, user, assistant), the task's system message first where none is."""
+        layout = detect_layout(records, (self.instruction, self.output), source)
+        if layout == "alpaca":
+            conversations = [[{"role": "user", "content": self._user_text(record, i, source)},
+                              {"role": "assistant", "content": _text(record, i, self.output, source)}]
+                             for i, record in enumerate(records)]
+        else:
+            conversations = [read_messages(record, i, layout, source) for i, record in enumerate(records)]
+        if not self.system:
+            return conversations
+        system: Message = {"role": "system", "content": self.system}
+        return [c if c[0]["role"] == "system" else [system, *c] for c in conversations]
+
+    def _encode(self, conversations: list[list[Message]]) -> list[tuple[list[int], list[Span]]]:
+        if self.uses_chat_template:
+            return encode_chat(self.tokenizer, conversations)
+        return encode_plain(self.tokenizer, conversations)
+
+    def _user_text(self, record: dict[str, Any], i: int, source: str | None = None) -> str:
+        instruction = _text(record, i, self.instruction, source)
         extra = record.get(self.input)
         if extra is not None and not isinstance(extra, str):
-            raise LorakitError(f"record {i}: field {self.input!r} must be text, got {type(extra).__name__}")
+            raise LorakitError(f"{record_name(i, source)}: field {self.input!r} must be text, got "
+                               f"{type(extra).__name__}")
         return instruction + "\n\n" + extra if extra and extra.strip() else instruction
 
-    def _messages(self, record: dict[str, Any], i: int) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, {"role": "user", "content": self._user_text(record, i)}]
-
     def _prompt_text(self, record: dict[str, Any], i: int) -> str:
-        if not self.uses_chat_template:
-            head = self.system + "\n\n" if self.system else ""
-            return head + _PROMPT.format(user=self._user_text(record, i))
-        return self._render(self._messages(record, i), i, add_generation_prompt=True)
+        """The plain layout's prompt of an Alpaca record (what `encode_plain` tokenizes before the reply)."""
+        head = self.system + "\n\n" if self.system else ""
+        return head + PLAIN_PROMPT.format(user=self._user_text(record, i))
 
-    def _response_text(self, record: dict[str, Any], i: int) -> str:
-        """The output alone (plain layout), or the whole templated conversation (chat template)."""
-        output = _text(record, i, self.output)
-        if not self.uses_chat_template:
-            return _RESPONSE.format(output=output)
-        return self._render([*self._messages(record, i), {"role": "assistant", "content": output}], i)
 
-    def _render(self, messages: list[dict[str, str]], i: int, add_generation_prompt: bool = False) -> str:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja raises for templates that refuse a role (e.g. no system turn)
-            raise LorakitError(f"record {i}: the tokenizer's chat template failed: {e}") from None
-        if not isinstance(text, str):
-            raise AssertionError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}")
-        return text
-
-    def _tokenize(self, texts: list[str], *, add_bos: bool = True) -> list[list[int]]:
-        """Token ids with no special tokens added: chat templates write their own BOS; the plain layout gets
-        the tokenizer's BOS (when it has one) before the prompt with `add_bos`."""
-        if not texts:
-            return []
-        ids = [list(seq) for seq in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        bos = self.tokenizer.bos_token_id
-        if self.uses_chat_template or not add_bos or not isinstance(bos, int):
-            return ids
-        return [[bos, *seq] for seq in ids]
-
-def _text(record: dict[str, Any], i: int, field: str) -> str:
+def _text(record: dict[str, Any], i: int, field: str, source: str | None = None) -> str:
     value = record.get(field)
     if value is None:
-        raise LorakitError(f"record {i} has no {field!r} field (it has: {', '.join(map(str, record))}); "
+        raise LorakitError(f"{record_name(i, source)} has no {field!r} field (it has: {', '.join(map(str, record))}); "
                            f"fix the record or map a column to {field!r}")
     if not isinstance(value, str):
-        raise LorakitError(f"record {i}: field {field!r} must be text, got {type(value).__name__} {value!r}")
+        raise LorakitError(f"{record_name(i, source)}: field {field!r} must be text, got {type(value).__name__} "
+                           f"{value!r}")
     return value

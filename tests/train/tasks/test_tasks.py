@@ -1,9 +1,6 @@
-"""lorakit.train.tasks: sequence classification, instruction tuning, and the task registry."""
+"""lorakit.train.tasks: sequence classification and the task registry (instruction tuning: test_instruction.py)."""
 
 from __future__ import annotations
-
-import logging
-import math
 
 import pytest
 import torch
@@ -13,7 +10,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     LlamaConfig,
-    LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerBase,
 )
@@ -22,14 +18,9 @@ from lorakit import models
 from lorakit.errors import LorakitError
 from lorakit.train.tasks import TASKS, make_task, task_from_state, task_options
 from lorakit.train.tasks.classification import SequenceClassification, macro_f1
-from lorakit.train.tasks.instruction import IGNORE, InstructionTuning
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SENTIMENT = [{"text": "a charming film", "label": "pos"}, {"text": "dull and long", "label": "neg"},
              {"text": "great fun", "label": "pos"}]
-ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a colour."},
-          {"instruction": "Add the numbers.", "input": "2 and 3", "output": "Five."}]
 
 
 def load_minilm() -> PreTrainedTokenizerBase:
@@ -41,27 +32,11 @@ def tokenizer() -> PreTrainedTokenizerBase:
     return load_minilm()
 
 
-@pytest.fixture(scope="module")
-def chat_tokenizer() -> PreTrainedTokenizerBase:
-    """The MiniLM tokenizer with four turn markers and a minimal chat template."""
-    tok = load_minilm()
-    tok.add_tokens(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
 def tiny_classifier(vocab_size: int, num_labels: int) -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, num_labels=num_labels)
     return BertForSequenceClassification(config).eval()
-
-
-def tiny_causal_lm(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
-    return LlamaForCausalLM(config).eval()
 
 
 # --- classification ----------------------------------------------------------------------------------------------
@@ -167,116 +142,13 @@ def test_classification_state_round_trips(tokenizer: PreTrainedTokenizerBase) ->
     assert rebuilt.state()["labels"] == ["x", "y"]
 
 
-# --- instruction tuning ------------------------------------------------------------------------------------------
-
-def response_ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def test_instruction_labels_mask_exactly_the_prompt(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(chat_tokenizer)
-    features = task.encode(ALPACA)
-    end = chat_tokenizer.convert_tokens_to_ids("<|end|>")
-    for record, feature in zip(ALPACA, features, strict=True):
-        prompt = task.prompt_ids(record)
-        ids, labels = feature["input_ids"], feature["labels"]
-        assert ids[:len(prompt)] == prompt
-        assert labels[:len(prompt)] == [IGNORE] * len(prompt)
-        assert labels[len(prompt):] == ids[len(prompt):] == response_ids(chat_tokenizer, record["output"]) + [end]
-    assert chat_tokenizer.decode(features[1]["input_ids"][:len(task.prompt_ids(ALPACA[1]))]) == (
-        "<|user|> add the numbers. 2 and 3 <|end|> <|assistant|>")  # input joined after a blank line
-
-
-def test_instruction_system_message_goes_first(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(chat_tokenizer, system="Be brief.")
-    assert chat_tokenizer.convert_ids_to_tokens(task.prompt_ids(ALPACA[0]))[:3] == ["<|system|>", "be", "brief"]
-
-
-def test_instruction_without_chat_template_uses_the_plain_layout(tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(tokenizer)
-    assert not task.uses_chat_template
-    feature = task.encode(ALPACA[:1])[0]
-    prompt = response_ids(tokenizer, "### Instruction:\nName a colour.\n\n### Response:\n")
-    assert feature["labels"] == [IGNORE] * len(prompt) + response_ids(tokenizer, "Blue is a colour.")
-    assert feature["input_ids"][:len(prompt)] == prompt == task.prompt_ids(ALPACA[0])
-
-
-def test_truncation_keeps_response_tokens_and_skips_prompts_that_fill_max_length(
-        chat_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture) -> None:
-    prompt_length = len(InstructionTuning(chat_tokenizer).prompt_ids(ALPACA[0]))
-    task = InstructionTuning(chat_tokenizer, max_length=prompt_length + 1)
-    long_prompt = {"instruction": "word " * 50, "input": "", "output": "ok"}
-    with caplog.at_level(logging.WARNING):
-        features = task.encode([ALPACA[0], long_prompt])
-    assert len(features) == 1 and len(features[0]["input_ids"]) == prompt_length + 1
-    assert features[0]["labels"][-1] != IGNORE
-    assert "skipped 1 of 2 records" in caplog.text and "record 1" in caplog.text
-    with pytest.raises(LorakitError, match="every record's prompt is"):
-        task.encode([long_prompt])
-
-
-def test_template_whose_prompt_is_not_a_prefix_is_an_error(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(chat_tokenizer)
-    original = chat_tokenizer.chat_template
-    chat_tokenizer.chat_template = original.replace("<|assistant|>{% endif %}", "<|system|>{% endif %}")
-    try:
-        with pytest.raises(LorakitError, match="record 0: the chat template's prompt does not tokenize as a prefix"):
-            task.encode(ALPACA[:1])
-    finally:
-        chat_tokenizer.chat_template = original
-
-
-def test_instruction_record_missing_output_names_the_record(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(LorakitError, match=r"record 1 has no 'output' field \(it has: instruction, response\)"):
-        InstructionTuning(chat_tokenizer).encode([ALPACA[0], {"instruction": "x", "response": "y"}])
-
-
-def test_instruction_loss_is_the_mean_over_all_response_tokens(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(chat_tokenizer)
-    features = task.encode(ALPACA)
-    model = tiny_causal_lm(len(chat_tokenizer))
-    batch = task.collate(features)
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
-    with torch.no_grad():
-        loss = task.loss(model, batch)
-        losses, count = [], 0
-        for feature in features:  # one example at a time, no padding, summed then divided once
-            ids, labels = torch.tensor([feature["input_ids"]]), torch.tensor(feature["labels"])
-            logits = model(input_ids=ids).logits[0, :-1]
-            keep = labels[1:] != IGNORE
-            losses.append(F.cross_entropy(logits[keep], labels[1:][keep], reduction="sum"))
-            count += int(keep.sum())
-    torch.testing.assert_close(loss, torch.stack(losses).sum() / count, rtol=1e-5, atol=1e-6)
-    metrics = task.evaluate(model, features, batch_size=1)
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert metrics["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
-
-
-def test_instruction_loss_has_gradients(chat_tokenizer: PreTrainedTokenizerBase) -> None:
-    task = InstructionTuning(chat_tokenizer)
-    model = tiny_causal_lm(len(chat_tokenizer)).train()
-    task.loss(model, task.collate(task.encode(ALPACA))).backward()
-    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.integration
-def test_smollm2_chat_template_masks_the_prompt() -> None:
-    tok = AutoTokenizer.from_pretrained(str(models.smollm2_dir()))
-    task = InstructionTuning(tok)
-    feature = task.encode(ALPACA[1:])[0]
-    start = len(task.prompt_ids(ALPACA[1]))
-    assert feature["labels"][:start] == [IGNORE] * start
-    assert tok.decode(feature["input_ids"][start:]) == "Five.<|im_end|>\n"
-    assert tok.decode(feature["input_ids"][:start]).endswith("2 and 3<|im_end|>\n<|im_start|>assistant\n")
-
-
 # --- registry ----------------------------------------------------------------------------------------------------
 
-def test_make_task_builds_each_registered_task(chat_tokenizer: PreTrainedTokenizerBase) -> None:
+def test_make_task_builds_each_registered_task(tokenizer: PreTrainedTokenizerBase) -> None:
     assert set(TASKS) == {"classification", "instruction", "ner", "qa"}
-    task = make_task("classification", chat_tokenizer, text="sentence", labels=["0", "1"])
+    task = make_task("classification", tokenizer, text="sentence", labels=["0", "1"])
     assert (task.name, task.metric, task.greater_is_better) == ("classification", "accuracy", True)
-    task = make_task("instruction", chat_tokenizer, max_length=64)
+    task = make_task("instruction", tokenizer, max_length=64)
     assert (task.name, task.metric, task.greater_is_better) == ("instruction", "loss", False)
     assert task.head_modules(torch.nn.Linear(1, 1)) == []
     assert "system" in task_options("instruction")
