@@ -32,9 +32,12 @@ class LoraConfig:
     svd_iters: for `principal`: None for the exact SVD, or the number of power iterations of a randomized SVD
         (Halko et al. 2011) on a sketch of `rank` columns, PEFT's `pissa_niter_<svd_iters>`: >10x faster on
         SmolLM2, within 2% of the exact residual there at 4 iterations (see `lorakit.init.OVERSAMPLE`).
+    dropout: dropout on the adapter's input (the base path is untouched), in [0, 1).
     bias: which biases train: `none`, `lora_only` (those of adapted modules) or `all` (every module's own bias).
+    rslora: scale by alpha / sqrt(rank) instead of alpha / rank (see rank, alpha).
     rank_pattern / alpha_pattern: per-module overrides, pattern -> value; the first matching pattern wins.
     modules_to_save: modules trained in full and saved with the adapter (e.g. a new classifier head).
+    seed: seeds the adapter's initial weights when set; null: the global torch RNG.
     """
 
     rank: int = 8

@@ -1,27 +1,42 @@
 """Training configuration: dataclasses hold every default; YAML and `--section.key=value` flags only override.
 
-`load_train_config` reports every problem at once (unknown sections or keys, wrong types, bad values), each
-naming the key and what is allowed.
+`load_train_config` reports every problem in one `ConfigError`, from every phase at once (a YAML syntax error
+aside, which stops the reading): duplicate YAML keys, unknown sections or keys, wrong types, NaN or infinite
+numbers, values outside their range or choices, LoRA's own checks and contradictions between keys. Each problem
+names where the key was set (the YAML file and line, or the flag), the key and what is allowed.
+
+`lorakit.train.config_doc.config_help()` lists every key with its type, default, allowed values and meaning,
+from these dataclasses (`lorakit train --help-config`, docs/config.md); `lorakit.train.preflight` holds the checks
+that need the file system or the model, made before training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lorakit.config import LoraConfig
+from lorakit.config import BIAS_MODES, INIT_METHODS, LoraConfig
 from lorakit.errors import ConfigError, did_you_mean
+from lorakit.train.data import FORMATS
+from lorakit.train.readers import check_encoding
 
 
 @dataclass
 class ModelSection:
-    """name: `smollm2`, `minilm`, a local directory or a hub id. dtype: float32, bfloat16 or float16."""
+    """The base model.
+
+    name: `smollm2` or `minilm` (the bundled models), a local model directory or a Hugging Face hub id.
+    dtype: the dtype the base model's weights are loaded in.
+    """
 
     name: str = "smollm2"
     dtype: str = "float32"
@@ -29,16 +44,35 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """task: `classification`, `instruction`, `ner` or `qa`. format: one of `lorakit.train.data.FORMATS` (default:
-    from the file's suffix), e.g. `conll`, `squad`, or `parallel` for translation pairs as instructions. columns maps
-    a task field (text, text_pair, label, instruction, input, output, tokens, tags) to a column of the data file.
-    eval_fraction holds out that share of `train` when there is no `eval` file. train_articles / eval_articles:
-    `[start, stop)` article indices to take from a `squad` file (a split by article: no context on both sides)."""
+    """The data, how it is read and how it is cut. A relative path in a YAML file (train, eval) is looked up from
+    the working directory first, then from the YAML file's directory; a flag's path only from the working
+    directory.
+
+    task: what is learnt: classification, instruction (tuning), ner (a tag per word) or qa (extractive).
+    train: the training data: a .json, .jsonl, .csv, .tsv or .conll file, a directory saved with `datasets`'
+        `save_to_disk`, `hf:NAME[:CONFIG]` from the hub, or `PREFIX.{SRC,TGT}` with format `parallel`.
+    eval: the evaluation data, written as `train`; null: hold out eval_fraction of train, or evaluate nothing.
+    format: the file format (see `lorakit.train.data.FORMATS`): `conll`, `squad`, or `parallel` for translation
+        pairs as instructions; null: from the file's suffix.
+    encoding: the text encoding of the data files, e.g. latin-1 or utf-16; utf-8 also drops a byte-order mark.
+    columns: maps a task field (text, text_pair, label, instruction, input, output, tokens, tags) to a column of
+        the data file.
+    max_length: tokens per example (per window for qa); longer inputs are truncated. At most the model's
+        positions (max_position_embeddings).
+    train_limit: use only the first train_limit training records (after any eval_fraction hold-out); null: all.
+    eval_limit: use only the first eval_limit evaluation records; null: all.
+    eval_fraction: the share of train held out for evaluation when there is no eval file.
+    labels: the label (classification) or tag (ner) names in the order of the model's outputs; null: the
+        distinct values of the training data, sorted.
+    train_articles / eval_articles: `[start, stop)` article indices to take from a `squad` file (a split by
+        article: no context on both sides).
+    """
 
     task: str = "instruction"
     train: str = ""
     eval: str | None = None
     format: str | None = None
+    encoding: str = "utf-8"
     columns: dict[str, str] = field(default_factory=dict)
     max_length: int = 256
     train_limit: int | None = None
@@ -51,9 +85,20 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW; lr of the B factors is lr x lora_plus_ratio (LoRA+, Hayou et al. 2024, §3: ratio ~16 for B).
-    Linear warm-up for warmup_steps, then cosine, linear or constant. Steps are optimizer steps; max_steps
-    overrides epochs."""
+    """AdamW, a linear warm-up, then a cosine, linear or constant learning rate. Steps are optimizer steps.
+
+    lr: the peak learning rate.
+    lora_plus_ratio: the B factors learn at lr x lora_plus_ratio (LoRA+, Hayou et al. 2024, section 3: about 16);
+        1: plain LoRA.
+    weight_decay: AdamW's decoupled weight decay (biases get none).
+    schedule: the learning rate after warm-up: cosine or linear decay to 0 at the last step, or constant.
+    warmup_steps: optimizer steps of linear warm-up from 0 to lr.
+    epochs: passes over the training data (a fraction is allowed); max_steps overrides it.
+    max_steps: optimizer steps to train; null: from epochs.
+    batch_size: examples per forward pass and process.
+    grad_accum: forward passes per optimizer step (the batch of a step: batch_size x grad_accum x processes).
+    clip_norm: clip the gradients' global norm to this; null: no clipping.
+    """
 
     lr: float = 2e-4
     lora_plus_ratio: float = 1.0
@@ -69,10 +114,24 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    """method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone) or
-    `full` (every parameter; the baseline LoRA is measured against).
-    eval_every / save_every: in optimizer steps (0: only at the end). keep_last: checkpoints kept besides the
-    best. early_stopping: evaluations without improvement before stopping (None: never)."""
+    """Where the run writes, what trains, when it evaluates and saves, and on which device.
+
+    out_dir: the run's directory: checkpoints, config.json, the loss curve and the published adapter (or model).
+        Checked before the model loads: it must be (or be creatable as) a directory you can write.
+    seed: seeds the new weights' initialisation, the data order and the eval_fraction hold-out.
+    eval_every: evaluate every eval_every optimizer steps (0: only at the end).
+    save_every: save a checkpoint every save_every optimizer steps (0: only at evaluations and the end).
+    keep_last: checkpoints kept besides the best (the newest is what --resume continues from).
+    early_stopping: stop after this many evaluations without improvement; null: never.
+    log_every: log the loss every log_every optimizer steps.
+    eval_batch_size: examples per forward pass in evaluation.
+    group_by_length: batch examples of similar length together (less padding; the order stays random).
+    method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone) or
+        `full` (every parameter; the baseline LoRA is measured against).
+    activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
+    mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
+    device: auto (CUDA when there is one), cpu or cuda.
+    """
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -101,105 +160,325 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
-_SECTION_TYPES = {"model": ModelSection, "data": DataSection, "lora": LoraConfig, "optim": OptimSection,
-                  "run": RunSection}
-_CHOICES = {
-    ("model", "dtype"): ("float32", "bfloat16", "float16"),
-    ("data", "task"): ("classification", "instruction", "ner", "qa"),
-    ("optim", "schedule"): ("cosine", "linear", "constant"),
-    ("run", "mixed_precision"): ("no", "bf16", "fp16"),
-    ("run", "device"): ("auto", "cpu", "cuda"),
-    ("run", "method"): ("lora", "head-only", "full"),
+SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig,
+                                   "optim": OptimSection, "run": RunSection}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.task": ("classification", "instruction", "ner", "qa"),
+    "data.format": tuple(FORMATS),
+    "lora.init": INIT_METHODS,
+    "lora.bias": BIAS_MODES,
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "run.mixed_precision": ("no", "bf16", "fp16"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.method": ("lora", "head-only", "full"),
 }
+_SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int
+
+
+def _at_least(low: float) -> tuple[str, Callable[[Any], bool]]:
+    return f">= {low:g}", lambda v: v >= low
+
+
+def _above(low: float) -> tuple[str, Callable[[Any], bool]]:
+    return f"> {low:g}", lambda v: v > low
+
+
+# What each number (and the encoding) may be, beyond its type: a description for messages and --help-config, and
+# the test. A null passes where the type allows it. Every float key is also checked to be finite.
+BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "data.encoding": ("an encoding Python knows (e.g. utf-8, latin-1, utf-16)", lambda v: check_encoding(v) is None),
+    "data.max_length": _at_least(8),
+    "data.train_limit": _at_least(1),
+    "data.eval_limit": _at_least(1),
+    "data.eval_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lora.rank": ("a positive int", lambda v: v >= 1),
+    "lora.alpha": _above(0),
+    "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lora.svd_iters": _at_least(0),
+    "lora.seed": ("in [0, 2**63)", lambda v: 0 <= v < _SEEDS),
+    "optim.lr": _above(0),
+    "optim.lora_plus_ratio": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.epochs": _above(0),
+    "optim.max_steps": _at_least(1),
+    "optim.batch_size": _at_least(1),
+    "optim.grad_accum": _at_least(1),
+    "optim.clip_norm": _above(0),
+    "run.seed": ("in [0, 2**63)", lambda v: 0 <= v < _SEEDS),
+    "run.eval_every": _at_least(0),
+    "run.save_every": _at_least(0),
+    "run.keep_last": _at_least(1),
+    "run.early_stopping": _at_least(1),
+    "run.log_every": _at_least(1),
+    "run.eval_batch_size": _at_least(1),
+}
+
+Problem = tuple[str | None, str]  # (the dotted key it is about, for its location; the message)
+
+
+# ---------------------------------------------------------------- loading
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML file (optional) and apply `section.key=value` overrides; raises `ConfigError` listing all
-    problems."""
+    """Read a YAML file (optional) and apply `section.key=value` overrides (`section.key.entry=value` sets one
+    entry of a mapping such as data.columns). Relative data paths of the YAML file that exist only beside it are
+    taken from there. Raises `ConfigError` listing every problem, each with its file and line or flag."""
     raw: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    problems: list[Problem] = []
+    source = "flags"
     if path is not None:
-        raw = _read_yaml(Path(path))
+        source = str(path)
+        raw, lines, duplicates = _read_yaml(Path(path))
+        where = {key: f"{path} line {line}" for key, line in lines.items()}
+        problems += [(None, f"{path} line {second}: duplicate key {key} (first at line {first}); YAML keeps only "
+                            f"the last value: delete one") for key, first, second in duplicates]
+        _resolve_data_paths(raw, Path(path).parent)
     for item in overrides or []:
-        _apply_override(raw, item)
-    return build_train_config(raw, source=str(path) if path else "flags")
+        problems += _apply_override(raw, item, where)
+    return build_train_config(raw, source=source, where=where, problems=problems)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _ConfigLoader(yaml.SafeLoader):
+    """A SafeLoader that records each mapping key's line and every duplicate key: YAML requires unique keys, and
+    PyYAML would silently keep the last value."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.key_lines: dict[str, int] = {}
+        self.duplicates: list[tuple[str, int, int]] = []  # (dotted key, first line, repeated line)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_keys(node, "", set())
+        return super().construct_document(node)
+
+    def _check_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias met again (aliases may even make a cycle)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{path}[{i}]", seen)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *defaults` may be overridden by later keys; complex keys fail in construction
+            name = f"{path}.{key_node.value}" if path else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            identity = (key_node.tag, key_node.value)
+            if identity in first:
+                self.duplicates.append((name, first[identity], line))
+            first.setdefault(identity, line)
+            self.key_lines[name] = line
+            self._check_keys(value_node, name, seen)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int, int]]]:
+    """The YAML file's mapping, each dotted key's line and the duplicate keys; raises ConfigError for a file
+    that is missing, unreadable, not UTF-8, not YAML, empty or not a mapping."""
+    if path.is_dir():
+        raise ConfigError([f"config file {path} is a directory; give the YAML file"])
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {path}: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"{path}: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) is not "
+                           f"UTF-8; save the config as UTF-8"]) from None
+    loader = _ConfigLoader(text)
+    try:
+        value = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path} must hold a mapping of sections ({', '.join(_SECTION_TYPES)})"])
-    return data
+        raise ConfigError([f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}"]) from None
+    finally:
+        loader.dispose()
+    if value is None:
+        raise ConfigError([f"{path} is empty; write the sections to set ({', '.join(SECTION_TYPES)}), at least "
+                           f"data.train (lorakit train --help-config lists every key)"])
+    if not isinstance(value, dict):
+        kind = "list" if isinstance(value, list) else type(value).__name__
+        raise ConfigError([f"{path} holds a YAML {kind}, not a mapping of sections; write `section:` lines "
+                           f"({', '.join(SECTION_TYPES)}) with `key: value` lines under them"])
+    return value, loader.key_lines, loader.duplicates
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """data.train / data.eval: a relative path that does not exist from the working directory but does from the
+    YAML file's directory `base` is taken from there; an existing working-directory path wins."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or base == Path("."):
+        return
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value or value.startswith("hf:"):
+            continue
+        probe = Path(_first_file(value)).expanduser()
+        if not probe.is_absolute() and not probe.exists() and (base / probe).exists():
+            data[key] = str(base / value)
+
+
+def _first_file(value: str) -> str:
+    """The source file of a `PREFIX.{SRC,TGT}` parallel spec, else `value`."""
+    head, brace, rest = value.rpartition("{")
+    if brace and rest.endswith("}"):
+        return head + rest[:-1].split(",")[0].strip()
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str, where: dict[str, str]) -> list[Problem]:
     key, sep, text = item.removeprefix("--").partition("=")
-    if not sep or "." not in key:
-        raise ConfigError([f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)"])
+    if not sep or "." not in key or not all(key.split(".")):
+        return [(None, f"override {item!r} must look like --section.key=value (e.g. --optim.lr=1e-4)")]
     section, _, name = key.partition(".")
-    value = yaml.safe_load(text) if text != "" else ""
-    if not isinstance(raw.get(section, {}), dict):
-        raise ConfigError([f"section {section!r} must be a mapping"])
-    raw.setdefault(section, {})[name] = value
+    name, _, entry = name.partition(".")
+    flag = f"flag --{key}={text}"
+    where.setdefault(section, flag)
+    where[f"{section}.{name}"] = flag
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader) if text != "" else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: the type check names the key and the value
+    if raw.get(section) is None:
+        raw[section] = {}
+    target = raw[section]
+    if not isinstance(target, dict):
+        return []  # reported once, as a section that is not a mapping
+    if not entry:
+        target[name] = value
+    elif isinstance(target.setdefault(name, {}), dict):
+        target[name][entry] = value
+    else:
+        return [(f"{section}.{name}", f"{section}.{name} is not a mapping, so {flag} cannot set an entry of it")]
+    return []
 
 
-def build_train_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    problems: list[str] = []
-    sections: dict[str, Any] = {}
+# ---------------------------------------------------------------- building and checking
+
+
+def build_train_config(raw: dict[str, Any], source: str = "config", *, where: dict[str, str] | None = None,
+                       problems: list[Problem] | None = None) -> TrainConfig:
+    """A TrainConfig from nested mappings (section -> key -> value). Every problem of every phase (and the
+    `problems` found while reading) is raised at once as one ConfigError; `where` maps a dotted key (or a
+    section) to where it was set, `source` names the rest."""
+    found: list[Problem] = list(problems or [])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: a config is a mapping of sections, got {type(raw).__name__}"])
     for name, value in raw.items():
-        if name not in _SECTION_TYPES:
-            problems.append(f"{source}: unknown section {name!r}{did_you_mean(name, _SECTION_TYPES)}; "
-                            f"sections: {', '.join(_SECTION_TYPES)}")
-        elif not isinstance(value, dict):
-            problems.append(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
-    for name, cls in _SECTION_TYPES.items():
-        values = raw.get(name) if isinstance(raw.get(name), dict) else {}
-        built, section_problems = _build_section(name, cls, values or {})
-        problems += [f"{source}: {p}" for p in section_problems]
-        sections[name] = built
-    if problems:
-        raise ConfigError(problems)
+        if name not in SECTION_TYPES:
+            found.append((str(name), f"unknown section {name!r}{did_you_mean(str(name), SECTION_TYPES)}; "
+                                     f"sections: {', '.join(SECTION_TYPES)}"))
+        elif value is not None and not isinstance(value, dict):  # `optim:` with nothing under it is empty
+            found.append((name, f"section {name!r} must be a mapping of keys, got {type(value).__name__} "
+                                f"{value!r}"))
+    sections: dict[str, Any] = {}
+    for name, cls in SECTION_TYPES.items():
+        values = raw.get(name)
+        sections[name], section_problems = _build_section(name, cls, values if isinstance(values, dict) else {})
+        found += section_problems
     config = TrainConfig(**sections)
-    problems = [f"{source}: {p}" for p in _value_problems(config)]
-    if problems:
-        raise ConfigError(problems)
+    bad = {key for key, _ in found if key}
+    found += [(keys[0], text) for keys, text in _cross_problems(config) if not bad.intersection(keys)]
+    if found:
+        where = where or {}
+        texts = [text if key is None else f"{_location(key, where, source)}: {text}" for key, text in found]
+        raise ConfigError([f"({i}) {text}" for i, text in enumerate(texts, 1)] if len(texts) > 1 else texts)
     return config
 
 
-def _build_section(section: str, cls: type, values: dict[str, Any]) -> tuple[Any, list[str]]:
+def _location(key: str, where: dict[str, str], source: str) -> str:
+    return where.get(key) or where.get(key.partition(".")[0]) or source
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> tuple[Any, list[Problem]]:
+    """The section built from its valid keys (a bad key keeps its default, so later checks still run), and the
+    problems: unknown keys, types, NaN/inf, choices, bounds, then the dataclass's own validation (LoraConfig)."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    problems, kwargs = [], {}
+    problems: list[Problem] = []
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in hints:
-            problems.append(f"unknown key {section}.{key}{did_you_mean(key, known)}; "
-                            f"known keys: {', '.join(known)}")
-            continue
-        coerced, ok = _coerce(value, hints[key])
-        if not ok:
-            problems.append(f"{section}.{key} must be {_describe(hints[key])}, got {value!r}")
-            continue
-        choices = _CHOICES.get((section, key))
-        if choices and coerced not in choices:
-            problems.append(f"{section}.{key} must be one of {', '.join(choices)}, got {coerced!r}"
-                            f"{did_you_mean(str(coerced), choices)}")
-            continue
-        kwargs[key] = coerced
-    if problems:
-        return None, problems
+        dotted = f"{section}.{key}"
+        problem = _key_problem(dotted, key, value, hints, known)
+        if problem is not None:
+            problems.append((dotted, problem))
+        else:
+            kwargs[key] = _coerce(value, hints[key])[0]
     try:
-        return cls(**kwargs), []
-    except ConfigError as e:
-        return None, [f"{section}: {p}" for p in e.problems]
+        return cls(**kwargs), problems
+    except ConfigError as e:  # the section's own checks (LoraConfig): keep those not caused by a bad key
+        bad = {key.partition(".")[2] for key, _ in problems if key}
+        for text in e.problems:
+            name = re.match(r"\w*", text).group()  # type: ignore[union-attr]
+            if not any(re.search(rf"\b{re.escape(b)}\b", text) for b in bad):
+                problems.append((f"{section}.{name}", f"{section}.{text}"))
+        return cls(), problems
+
+
+def _key_problem(dotted: str, key: str, value: Any, hints: dict[str, Any], known: list[str]) -> str | None:
+    if key not in hints:
+        return f"unknown key {dotted}{did_you_mean(str(key), known)}; known keys: {', '.join(known)}"
+    coerced, ok = _coerce(value, hints[key])
+    if not ok:
+        return f"{dotted} must be {describe_type(hints[key])}, got {value!r}"
+    if _non_finite(coerced):
+        return f"{dotted} must be a finite number, got {value!r}"
+    choices = CHOICES.get(dotted)
+    if choices and coerced is not None and coerced not in choices:
+        return f"{dotted} must be one of {', '.join(choices)}, got {coerced!r}{did_you_mean(str(coerced), choices)}"
+    bound = BOUNDS.get(dotted)
+    if bound and coerced is not None and not bound[1](coerced):
+        return f"{dotted} must be {bound[0]}{' or null' if _optional(hints[key]) else ''}, got {coerced!r}"
+    return None
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Contradictions between keys, as (the keys involved, the first one's location; message)."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    d, r = config.data, config.run
+    if not d.train:
+        out.append((("data.train",), "data.train must name a data file or dataset"))
+    if r.method == "head-only" and d.task == "instruction":
+        out.append((("run.method", "data.task"), f"run.method=head-only needs a task with a head (classification, "
+                                                 f"ner, qa), got data.task={d.task!r}"))
+    if d.eval and d.eval_fraction > 0:
+        out.append((("data.eval_fraction", "data.eval"), f"data.eval_fraction={d.eval_fraction} holds out part of "
+                                                         f"train only when there is no data.eval, but data.eval is "
+                                                         f"{d.eval!r}; remove one of them"))
+    if d.labels is not None and d.task not in ("classification", "ner"):
+        out.append((("data.labels", "data.task"), f"data.labels applies to classification and ner, not "
+                                                  f"data.task={d.task!r}; remove it"))
+    sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))
+    for key, value, path in sides:
+        if value is None:
+            continue
+        keys = (f"data.{key}", "data.format", f"data.{key.partition('_')[0]}")
+        if len(value) != 2 or not 0 <= value[0] < value[1]:
+            out.append((keys[:1], f"data.{key} must be [start, stop] with 0 <= start < stop, got {value!r}"))
+        if d.format != "squad":
+            out.append((keys[:2], f"data.{key} needs data.format=squad, got data.format={d.format!r}"))
+        if not path:
+            out.append((keys[::2], f"data.{key} needs data.{key.partition('_')[0]} to name the squad file"))
+    return out
 
 
 def _coerce(value: Any, hint: Any) -> tuple[Any, bool]:
@@ -222,14 +501,12 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, bool]:
     if hint is int:
         return value, isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return value, False
+        try:
             return float(value), True
-        if isinstance(value, str):
-            try:
-                return float(value), True
-            except ValueError:
-                return value, False
-        return value, False
+        except (ValueError, OverflowError):
+            return value, False
     if hint is str:
         return value, isinstance(value, str)
     if origin is list:
@@ -241,7 +518,7 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, bool]:
         items = [_coerce(v, item) for v in value]
         return [v for v, _ in items], all(ok for _, ok in items)
     if origin is dict:
-        key_type, value_type = typing.get_args(hint)
+        _, value_type = typing.get_args(hint)
         if not isinstance(value, dict):
             return value, False
         entries = {k: _coerce(v, value_type) for k, v in value.items()}
@@ -250,59 +527,22 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, bool]:
     return value, True
 
 
-def _describe(hint: Any) -> str:
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+_NAMES = {bool: ("true or false", "booleans"), int: ("an int", "ints"), float: ("a number", "numbers"),
+          str: ("a string", "strings")}
+
+
+def describe_type(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
+        return " or ".join(describe_type(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "null"
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        return f"a list of {_NAMES[typing.get_args(hint)[0]][1]}"
     if origin is dict:
-        return f"a mapping to {_describe(typing.get_args(hint)[1])}"
-    return {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _value_problems(config: TrainConfig) -> list[str]:
-    out = []
-    o, r, d = config.optim, config.run, config.data
-    positive = [("optim.lr", o.lr), ("optim.batch_size", o.batch_size), ("optim.grad_accum", o.grad_accum),
-                ("optim.epochs", o.epochs), ("optim.lora_plus_ratio", o.lora_plus_ratio),
-                ("data.max_length", d.max_length), ("run.eval_batch_size", r.eval_batch_size),
-                ("run.log_every", r.log_every)]
-    out += [f"{k} must be > 0, got {v!r}" for k, v in positive if v <= 0]
-    non_negative = [("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
-                    ("run.eval_every", r.eval_every), ("run.save_every", r.save_every)]
-    out += [f"{k} must be >= 0, got {v!r}" for k, v in non_negative if v < 0]
-    if o.max_steps is not None and o.max_steps <= 0:
-        out.append(f"optim.max_steps must be > 0 or null, got {o.max_steps!r}")
-    if o.clip_norm is not None and o.clip_norm <= 0:
-        out.append(f"optim.clip_norm must be > 0 or null, got {o.clip_norm!r}")
-    if not 0.0 <= d.eval_fraction < 1.0:
-        out.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction!r}")
-    if r.keep_last < 1:
-        out.append(f"run.keep_last must be >= 1 (the newest checkpoint is what --resume needs), got {r.keep_last}")
-    if r.method == "head-only" and d.task == "instruction":
-        out.append(f"run.method=head-only needs a task with a head (classification, ner, qa), got "
-                   f"data.task={d.task!r}")
-    out += _article_problems(d)
-    if not d.train:
-        out.append("data.train must name a data file or dataset")
-    if r.early_stopping is not None and r.early_stopping <= 0:
-        out.append(f"run.early_stopping must be > 0 or null, got {r.early_stopping!r}")
-    return out
-
-
-def _article_problems(d: DataSection) -> list[str]:
-    out = []
-    sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))
-    for key, value, path in sides:
-        if value is None:
-            continue
-        if len(value) != 2 or not 0 <= value[0] < value[1]:
-            out.append(f"data.{key} must be [start, stop] with 0 <= start < stop, got {value!r}")
-        if d.format != "squad":
-            out.append(f"data.{key} needs data.format=squad, got data.format={d.format!r}")
-        if not path:
-            out.append(f"data.{key} needs data.{key.partition('_')[0]} to name the squad file")
-    return out
+        return f"a mapping of strings to {_NAMES[typing.get_args(hint)[1]][1]}"
+    return _NAMES[hint][0] if hint in _NAMES else str(hint)

@@ -11,6 +11,7 @@ convert them. Hugging Face `datasets` is optional and imported only by `_dataset
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -21,7 +22,14 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import LorakitError, did_you_mean
-from lorakit.train.readers import read_conll, read_parallel_spec, read_squad
+from lorakit.train.readers import (
+    conll_with_lines,
+    existing_file,
+    read_parallel_spec,
+    read_squad,
+    read_text,
+    split_lines,
+)
 
 FORMATS: dict[str, str] = {
     "json": "a JSON list of objects (a file of one object per line is read as JSON Lines)",
@@ -36,13 +44,15 @@ FORMATS: dict[str, str] = {
 _SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
                              ".conll": "conll"}
 _HUB_PREFIX = "hf:"
+# The record field that holds the label, for the tasks that learn a label set from the data.
+LABEL_FIELDS = {"classification": "label", "ner": "tags"}
 # Length grouping sorts examples inside windows of this many batches: wide enough that a batch holds similar
 # lengths, narrow enough that the order stays random across the epoch (the "megabatch" of fairseq/HF Trainer).
 GROUP_WINDOW_BATCHES = 50
 
 
 def read_records(path: str | Path, *, format: str | None = None, split: str = "train",
-                 columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                 columns: Sequence[str] | None = None, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """Read a dataset into a list of records (one dict per example).
 
     path: a local `.json`, `.jsonl`, `.csv`, `.tsv` or `.conll` file, a directory saved with `datasets`'
@@ -51,27 +61,36 @@ def read_records(path: str | Path, *, format: str | None = None, split: str = "t
     format: one of `FORMATS`, overriding the one inferred from the suffix.
     split: the split to take from a hub dataset or a saved `DatasetDict`.
     columns: column names for a CSV/TSV file without a header row (default: the first row is the header).
+    encoding: the text encoding of a local file (`utf-8` also drops a byte-order mark); e.g. `latin-1`, `utf-16`.
 
-    A UTF-8 byte-order mark is stripped. Raises LorakitError for a missing file, an unknown format, a malformed
-    line (naming it), a row with the wrong number of fields, or a dataset with no records.
+    Raises LorakitError for a missing file, a directory given as a file, an unknown format, bytes that are not
+    valid in `encoding` (naming the byte offset and the encoding to try), a malformed line (naming it), a row
+    with the wrong number of fields, or a dataset with no records.
     """
+    return _read_with_lines(path, format, split, columns, encoding)[0]
+
+
+def _read_with_lines(path: str | Path, format: str | None, split: str, columns: Sequence[str] | None,
+                     encoding: str) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """`read_records`, and each record's line in the file where lines mean something (CSV, TSV, JSON Lines,
+    CoNLL: a sentence's first token), else None."""
     if format is not None and format not in FORMATS:
         raise LorakitError(f"unknown data format {format!r} for {path}{did_you_mean(format, FORMATS)}; "
                            f"use one of: {', '.join(FORMATS)}")
     text = str(path)
+    lines: list[int] | None = None
     if text.startswith(_HUB_PREFIX):
         records = _read_hub(text[len(_HUB_PREFIX):], split)
     elif format == "parallel":
-        records = read_parallel_spec(text)
+        records = read_parallel_spec(text, encoding=encoding)
     else:
         file = Path(path).expanduser()
         if not file.exists():
-            raise LorakitError(f"data file {file} not found; check the path (relative paths start at the "
-                               f"current directory, {Path.cwd()})")
-        records = _read_local(file, format or _infer_format(file), split, columns)
+            existing_file(file)  # raises the one "not found" message
+        records, lines = _read_local(file, format or _infer_format(file), split, columns, encoding)
     if not records:
         raise LorakitError(f"{path} has no records; check the file (and the split {split!r} for a dataset)")
-    return records
+    return records, lines
 
 
 def _infer_format(file: Path) -> str:
@@ -84,26 +103,28 @@ def _infer_format(file: Path) -> str:
     return fmt
 
 
-def _read_local(file: Path, fmt: str, split: str, columns: Sequence[str] | None) -> list[dict[str, Any]]:
+def _read_local(file: Path, fmt: str, split: str, columns: Sequence[str] | None, encoding: str
+                ) -> tuple[list[dict[str, Any]], list[int] | None]:
     if fmt == "hf":
-        return _read_saved(file, split)
+        return _read_saved(file, split), None
     if file.is_dir():
         raise LorakitError(f"{file} is a directory, not a {fmt} file; give the file inside it")
     if fmt == "conll":
-        return read_conll(file)
+        return conll_with_lines(file, encoding=encoding)
     if fmt == "squad":
-        return read_squad(file)
-    with open(file, encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops a byte-order mark (MRPC has one)
-        if fmt == "json":
-            return _parse_json(f.read(), file)
-        if fmt == "jsonl":
-            return _parse_jsonl(f.read(), file)
-        if fmt == "csv":
-            return _parse_table(csv.reader(f), file, columns)
-        return _parse_table(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), file, columns)
+        return read_squad(file, encoding=encoding), None
+    text = read_text(file, encoding)
+    if fmt == "json":
+        return _parse_json(text, file)
+    if fmt == "jsonl":
+        return _parse_jsonl(text, file)
+    f = io.StringIO(text, newline="")  # as open(newline=""): quoted fields may hold line breaks
+    if fmt == "csv":
+        return _parse_table(csv.reader(f), file, columns)
+    return _parse_table(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), file, columns)
 
 
-def _parse_json(text: str, file: Path) -> list[dict[str, Any]]:
+def _parse_json(text: str, file: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -117,12 +138,13 @@ def _parse_json(text: str, file: Path) -> list[dict[str, Any]]:
     for i, record in enumerate(data):
         if not isinstance(record, dict):
             raise LorakitError(f"{file} item {i}: expected a JSON object, got {type(record).__name__}")
-    return data
+    return data, None
 
 
-def _parse_jsonl(text: str, file: Path) -> list[dict[str, Any]]:
+def _parse_jsonl(text: str, file: Path) -> tuple[list[dict[str, Any]], list[int]]:
     records: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines: list[int] = []
+    for lineno, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -132,13 +154,17 @@ def _parse_jsonl(text: str, file: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise LorakitError(f"{file} line {lineno}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
-    return records
+        lines.append(lineno)
+    return records, lines
 
 
-def _parse_table(rows: Any, file: Path, columns: Sequence[str] | None) -> list[dict[str, Any]]:
-    """Rows from a csv.reader -> records; the header is the first non-empty row unless `columns` is given."""
+def _parse_table(rows: Any, file: Path, columns: Sequence[str] | None
+                 ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows from a csv.reader -> records and their lines; the header is the first non-empty row unless `columns`
+    is given."""
     header: list[str] | None = list(columns) if columns is not None else None
     records: list[dict[str, Any]] = []
+    lines: list[int] = []
     try:
         for row in rows:
             if not row:
@@ -150,9 +176,10 @@ def _parse_table(rows: Any, file: Path, columns: Sequence[str] | None) -> list[d
                 raise LorakitError(f"{file} line {rows.line_num}: {len(row)} fields, but the header has "
                                    f"{len(header)} ({', '.join(header)}); fix the row or the delimiter")
             records.append(dict(zip(header, row, strict=True)))
+            lines.append(rows.line_num)
     except csv.Error as e:
         raise LorakitError(f"{file} line {rows.line_num}: malformed row ({e}); fix the file") from None
-    return records
+    return records, lines
 
 
 def _datasets() -> Any:
@@ -214,6 +241,51 @@ def map_columns(records: list[dict[str, Any]], mapping: dict[str, str], source: 
         new.update({renames[key]: value for key, value in record.items() if key in renames})
         out.append(new)
     return out
+
+
+def check_labels(records: list[dict[str, Any]], task: str, source: str, *, columns: dict[str, str] | None = None,
+                 format: str | None = None, encoding: str = "utf-8") -> None:
+    """Raise LorakitError for the first record whose label (classification) or one of whose tags (NER) is
+    missing, null or blank, naming the file and line (or item) and the column; other tasks pass.
+
+    `records` are `read_records(source, format=format, encoding=encoding)` after `map_columns(..., columns)`, in
+    file order: the line is found by reading the file again, which happens only for a bad record.
+    """
+    field = LABEL_FIELDS.get(task)
+    if field is None:
+        return
+    for i, record in enumerate(records):
+        problem = _blank_label(record.get(field))
+        if problem is None:
+            continue
+        column = (columns or {}).get(field, field)
+        named = f"column {column!r}" + (f" (data.columns {field})" if column != field else "")
+        raise LorakitError(f"{source} {_where(source, i, format, encoding)}: {problem} in {named}; every example "
+                           f"needs one: fill it in or delete the example")
+
+
+def _blank_label(value: Any) -> str | None:
+    if value is None:
+        return "no label"
+    if isinstance(value, str):
+        return "empty label" if not value.strip() else None
+    if isinstance(value, list):
+        blank = [k for k, tag in enumerate(value) if tag is None or (isinstance(tag, str) and not tag.strip())]
+        return f"empty tag for word {blank[0]}" if blank else None
+    return None
+
+
+def _where(source: str, index: int, format: str | None, encoding: str) -> str:
+    """`line N` of record `index` in `source` where lines mean something, else `item N` / `record N`."""
+    lines = None
+    if not str(source).startswith(_HUB_PREFIX) and format != "parallel" and not Path(source).is_dir():
+        try:
+            _, lines = _read_with_lines(source, format, "train", None, encoding)
+        except LorakitError:
+            pass
+    if lines is not None and index < len(lines):
+        return f"line {lines[index]}"
+    return f"item {index}" if str(source).endswith(".json") else f"record {index}"
 
 
 def batch_indices(lengths: list[int], batch_size: int, *, seed: int, epoch: int, group_by_length: bool = True,

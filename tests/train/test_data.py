@@ -12,7 +12,8 @@ import torch
 from conftest import SHARED_DATA
 
 from lorakit.errors import LorakitError
-from lorakit.train.data import batch_indices, chunks, map_columns, pad, read_records
+from lorakit.train.data import batch_indices, check_labels, chunks, map_columns, pad, read_records
+from lorakit.train.readers import read_conll, read_squad
 
 SHARED_DATA = SHARED_DATA
 ROWS = [{"text": "good film", "label": 1}, {"text": "bad, dull film", "label": 0}]
@@ -237,3 +238,132 @@ def test_real_glue_dev_files_have_their_documented_rows(relative: str, rows: int
     assert list(records[0]) == columns  # the MRPC header's BOM is gone
     label = "label" if "label" in columns else "Quality"
     assert {r[label] for r in records} == {"0", "1"}
+
+
+# --- encodings ---------------------------------------------------------------------------------------------------
+
+LATIN1_TSV = "text\tlabel\ngood\t1\nun caf\xe9 tr\xe8s bon\t1\n"  # the first non-ASCII byte: offset 24, line 3
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-16", "utf-16-le", "utf-8", "utf-8-sig"])
+def test_tsv_in_each_encoding_reads_the_same_records(tmp_path: Path, encoding: str) -> None:
+    path = write(tmp_path / "d.tsv", LATIN1_TSV, encoding=encoding)
+    assert read_records(path, encoding=encoding) == [{"text": "good", "label": "1"},
+                                                     {"text": "un café très bon", "label": "1"}]
+
+
+def test_default_encoding_drops_a_utf8_bom_and_counts_offsets_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + LATIN1_TSV.encode("latin-1"))
+    with pytest.raises(LorakitError, match=r"byte 0xe9 at byte offset 27 \(line 3\) is not valid utf-8"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("d.tsv", LATIN1_TSV),
+    ("d.csv", LATIN1_TSV.replace("\t", ",")),
+    ("d.jsonl", '{"text": "good"}\n{"text": "un caf\xe9"}\n'),
+    ("d.json", '[{"text": "good"},\n {"text": "un caf\xe9"}]'),
+    ("d.conll", "good O\n\nun O\ncaf\xe9 O\n"),
+])
+def test_latin1_file_read_as_utf8_names_offset_line_and_latin1(tmp_path: Path, name: str, text: str) -> None:
+    path = write(tmp_path / name, text, encoding="latin-1")
+    offset = path.read_bytes().index(b"\xe9")
+    line = path.read_bytes()[:offset].count(b"\n") + 1
+    with pytest.raises(LorakitError, match=rf"{name}: byte 0xe9 at byte offset {offset} \(line {line}\) is not valid "
+                                           rf"utf-8; .*--data.encoding=latin-1"):
+        read_records(path)
+
+
+def test_utf16_file_read_as_utf8_suggests_utf16(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.tsv", LATIN1_TSV, encoding="utf-16")  # starts with the byte-order mark FF FE
+    with pytest.raises(LorakitError, match=r"byte 0xff at byte offset 0 \(line 1\).*--data.encoding=utf-16"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_utf16_without_bom_is_caught_by_its_nul_bytes(tmp_path: Path, encoding: str) -> None:
+    path = write(tmp_path / "d.tsv", "text\tlabel\ngood\t1\n", encoding="utf-16-le")  # ASCII: valid UTF-8 bytes
+    with pytest.raises(LorakitError, match=r"NUL byte at byte offset 1 \(line 1\).*--data.encoding=utf-16"):
+        read_records(path, encoding=encoding)
+
+
+def test_unknown_encoding_is_named(tmp_path: Path) -> None:
+    with pytest.raises(LorakitError, match="unknown encoding 'utf-9'"):
+        read_records(write(tmp_path / "d.tsv", "a\n1\n"), encoding="utf-9")
+
+
+def test_every_reader_takes_the_encoding(tmp_path: Path) -> None:
+    conll = write(tmp_path / "d.conll", "caf\xe9 B-LOC\n", encoding="latin-1")
+    assert read_conll(conll, encoding="latin-1") == [{"tokens": ["café"], "tags": ["B-LOC"]}]
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "un café", "qas": [
+        {"id": "q", "question": "quoi?", "answers": [{"text": "café", "answer_start": 3}]}]}]}]}
+    path = write(tmp_path / "s.json", json.dumps(squad, ensure_ascii=False), encoding="latin-1")
+    assert read_squad(path, encoding="latin-1")[0]["answers"]["text"] == ["café"]
+    write(tmp_path / "p.de", "caf\xe9\n", encoding="latin-1")
+    write(tmp_path / "p.en", "coffee\n", encoding="latin-1")
+    records = read_records(f"{tmp_path}/p.{{de,en}}", format="parallel", encoding="latin-1")
+    assert records[0]["instruction"].endswith("café") and records[0]["output"] == "coffee"
+
+
+def test_jsonl_string_holding_a_unicode_line_separator_stays_one_record(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"text": "a\u2028b"}\r\n{"text": "c\x85"}\n'.encode())
+    assert read_records(path) == [{"text": "a\u2028b"}, {"text": "c\x85"}]
+
+
+# --- labels, directories, CoNLL columns --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, where", [
+    ("d.tsv", "text\tlabel\ngood\t1\n\nbad\t\n", "line 4"),
+    ("d.csv", "text,label\ngood,1\nbad,  \n", "line 3"),
+    ("d.jsonl", '{"text": "good", "label": 1}\n\n{"text": "bad", "label": ""}\n', "line 3"),
+    ("d.jsonl", '{"text": "good", "label": 1}\n{"text": "bad", "label": null}\n', "line 2"),
+    ("d.json", '[{"text": "good", "label": 1}, {"text": "bad", "label": " "}]', "item 1"),
+])
+def test_blank_label_names_file_and_line(tmp_path: Path, name: str, text: str, where: str) -> None:
+    path = write(tmp_path / name, text)
+    records = read_records(path)
+    with pytest.raises(LorakitError, match=rf"{name} {where}: (empty|no) label in column 'label'"):
+        check_labels(records, "classification", str(path))
+
+
+def test_blank_label_names_the_mapped_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.tsv", "s\tQuality\ngood\t1\nbad\t\n")
+    records = map_columns(read_records(path), {"label": "Quality"}, str(path))
+    with pytest.raises(LorakitError, match=r"line 3: empty label in column 'Quality' \(data.columns label\)"):
+        check_labels(records, "classification", str(path), columns={"label": "Quality"})
+
+
+def test_blank_tag_names_the_line_of_the_sentence(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["b", "c"], "tags": ["O", ""]}\n')
+    with pytest.raises(LorakitError, match=r"d.jsonl line 2: empty tag for word 1"):
+        check_labels(read_records(path), "ner", str(path))
+
+
+def test_check_labels_passes_good_records_and_other_tasks(tmp_path: Path) -> None:
+    check_labels([{"label": "0"}, {"label": 1}], "classification", "x.tsv")
+    check_labels([{"output": ""}], "instruction", "x.jsonl")
+
+
+def test_conll_line_without_its_tag_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.conll", "EU B-ORG\nrejects O\n\nGerman\n")
+    with pytest.raises(LorakitError, match=r"d.conll line 4: 1 column\(s\) \('German'\).*a missing tag"):
+        read_conll(path)
+
+
+def test_conll_line_with_fewer_columns_than_the_file_is_not_read_as_another_tag(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.conll", "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP\n")
+    with pytest.raises(LorakitError, match=r"d.conll line 3: 3 columns .*but line 1 has 4"):
+        read_conll(path)
+
+
+@pytest.mark.parametrize("fmt", ["conll", "squad", "tsv"])
+def test_directory_given_as_a_file_is_named(tmp_path: Path, fmt: str) -> None:
+    with pytest.raises(LorakitError, match=rf"{tmp_path} is a directory"):
+        read_records(tmp_path, format=fmt)
+
+
+def test_directory_given_to_a_reader_is_not_called_missing(tmp_path: Path) -> None:
+    with pytest.raises(LorakitError, match=r"is a directory; give a file inside it"):
+        read_conll(tmp_path)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
+from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.task import Batch, Features
 
@@ -35,7 +36,8 @@ class SequenceClassification:
     labels: the label names, in the order of the model's logits; default: inferred by `fit_labels` from the
         first records encoded (sorted: numerically when every label is an integer, else as strings).
     max_length: texts are truncated to this many tokens (a pair is truncated longest-first).
-    Labels may be strings or ints in the data; they are compared as strings, so `1` and `"1"` are the same.
+    Labels may be strings or ints in the data; they are compared as strings, so `1` and `"1"` are the same, and
+    without surrounding spaces; an empty label is an error.
     """
 
     name = "classification"
@@ -61,7 +63,7 @@ class SequenceClassification:
     def fit_labels(self, records: list[dict[str, Any]]) -> list[str]:
         """Set (once) and return the label set: the distinct labels of `records`, sorted."""
         if self.labels is None:
-            found = {str(self._field(record, i, self.label)) for i, record in enumerate(records)}
+            found = {self._label(record, i) for i, record in enumerate(records)}
             if len(found) < 2:
                 raise LorakitError(f"the training records have {len(found)} distinct label(s) in field "
                                    f"{self.label!r} ({sorted(found)}); classification needs at least 2")
@@ -84,7 +86,7 @@ class SequenceClassification:
             texts.append(self._text(record, i, self.text))
             if self.text_pair is not None:
                 pairs.append(self._text(record, i, self.text_pair))
-            label = str(self._field(record, i, self.label))
+            label = self._label(record, i)
             if label not in index:
                 raise LorakitError(f"record {i}: label {label!r} is not in the label set "
                                    f"({', '.join(index)}) learnt from the training data; fix the record or "
@@ -126,7 +128,7 @@ class SequenceClassification:
         total_loss = 0.0
         try:
             with torch.no_grad():
-                for part in chunks(features, batch_size):
+                for part in progress(chunks(features, batch_size), desc="evaluate"):
                     batch = move_batch(self.collate(list(part)), device)
                     logits = self._logits(model, batch).float()  # (B, num_labels)
                     total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
@@ -153,6 +155,14 @@ class SequenceClassification:
             raise LorakitError(f"record {i} has no {field!r} field (it has: {', '.join(map(str, record))}); "
                                f"fix the record or map a column to {field!r}")
         return record[field]
+
+    def _label(self, record: dict[str, Any], i: int) -> str:
+        """The record's label as a string, without surrounding spaces (`"1 "` is `"1"`, not a new class)."""
+        label = str(self._field(record, i, self.label)).strip()
+        if not label:
+            raise LorakitError(f"record {i}: empty label in field {self.label!r}; every example needs a label: fill "
+                               f"it in or delete the record")
+        return label
 
     def _text(self, record: dict[str, Any], i: int, field: str) -> str:
         value = self._field(record, i, field)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
+from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.classification import _pad_id, classifier_head
@@ -134,7 +135,7 @@ class TokenClassification:
         total_loss, count = 0.0, 0
         try:
             with torch.no_grad():
-                for part in chunks(features, batch_size):
+                for part in progress(chunks(features, batch_size), desc="evaluate"):
                     batch = move_batch(self.collate(list(part)), device)
                     logits = self._logits(model, batch).float()  # (B, T, C)
                     total_loss += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
@@ -173,6 +174,10 @@ class TokenClassification:
         if len(tokens) != len(tags) or not tokens:
             raise LorakitError(f"record {i}: {len(tokens)} tokens but {len(tags)} tags; each word needs one tag "
                                f"(and a record at least one word)")
+        blank = [k for k, tag in enumerate(tags) if not tag.strip()]
+        if blank:
+            raise LorakitError(f"record {i}: empty tag for word {blank[0]} ({tokens[blank[0]]!r}) in field "
+                               f"{self.tags!r}; every word needs a tag (O outside entities): fill it in")
         return tokens, tags
 
 
