@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lorakit demo
+	$(PY) -m lorakit demo --force
 
 # The default suite: unit tests, reference comparisons and the integration tests on the bundled models.
 # Slow tests (long training runs) are opt-in: make test-slow.

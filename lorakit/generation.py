@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.progress import progress
 
 
 @dataclass
@@ -87,7 +88,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     outputs: list[str] = []
     try:
-        for start in range(0, len(texts), batch_size):
+        for start in progress(range(0, len(texts), batch_size), desc="generate"):
             chunk = texts[start:start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat)
             enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}

@@ -41,6 +41,7 @@ from transformers.models.auto.modeling_auto import (
 
 from lorakit.errors import LorakitError, did_you_mean
 from lorakit.fileio import atomic_write_dir
+from lorakit.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,14 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF into a plain LlamaForCausalLM; save it with its tokenizer and chat template."""
+    with stage("converting SmolLM2 to a safetensors cache (once, ~45 s)", 3) as bar:
+        _convert_gguf_steps(gguf, out, bar)
+
+
+def _convert_gguf_steps(gguf: Path, out: Path, bar: Any) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    bar.update()
     # save_pretrained refuses a GGUF-quantized model, so rebuild the same weights without quantization_config.
     settings = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures",
@@ -270,8 +277,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.generation_config = loaded.generation_config
     if model.lm_head.weight is not model.model.embed_tokens.weight:
         raise RuntimeError("SmolLM2 conversion lost the tied embeddings")  # a bug, not bad input
+    bar.update()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    bar.update()
 
 
 def _remove_stale_builds(target: Path) -> None:

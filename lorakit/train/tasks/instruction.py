@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
+from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.lm_loss import IGNORE, causal_lm_loss
 from lorakit.train.task import Batch, Features
@@ -140,7 +141,7 @@ class InstructionTuning:
         total, count = 0.0, 0
         try:
             with torch.no_grad():
-                for part in chunks(features, batch_size):
+                for part in progress(chunks(features, batch_size), desc="evaluate"):
                     part_total, part_count = self._token_losses(model, move_batch(self.collate(list(part)), device))
                     total, count = total + part_total.item(), count + part_count
         finally:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
+from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.readers import check_answers
 from lorakit.train.task import Batch, Features
@@ -145,7 +146,7 @@ class ExtractiveQA:
         total_loss = 0.0
         try:
             with torch.no_grad():
-                for part in chunks(features, batch_size):
+                for part in progress(chunks(features, batch_size), desc="evaluate"):
                     batch = move_batch(self.collate(list(part)), device)
                     start_logits, end_logits = (x.float() for x in self._logits(model, batch))  # (B, T) each
                     total_loss += (F.cross_entropy(start_logits, batch["start_positions"], reduction="sum")
