@@ -158,7 +158,7 @@ class SequenceClassification:
 
     def _label(self, record: dict[str, Any], i: int) -> str:
         """The record's label as a string, without surrounding spaces (`"1 "` is `"1"`, not a new class)."""
-        label = str(self._field(record, i, self.label)).strip()
+        label = "" if record.get(self.label, "") is None else str(self._field(record, i, self.label)).strip()
         if not label:
             raise LorakitError(f"record {i}: empty label in field {self.label!r}; every example needs a label: fill "
                                f"it in or delete the record")

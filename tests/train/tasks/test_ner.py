@@ -230,3 +230,9 @@ def test_real_conll2003_test_file_has_its_documented_sentences(minilm_tokenizer:
     gold = [[task.labels[t] for t in f["tags"]] for f in features]
     assert entity_scores(gold, gold)["f1"] == 1.0
     assert sum(tag.startswith("B-") for r in records for tag in r["tags"]) == 1668 + 1617 + 1661 + 702
+
+
+def test_empty_tag_names_the_record_and_the_word(minilm_tokenizer: PreTrainedTokenizerBase) -> None:
+    records = [{"tokens": ["EU"], "tags": ["B-ORG"]}, {"tokens": ["German", "call"], "tags": ["B-MISC", " "]}]
+    with pytest.raises(LorakitError, match=r"record 1: empty tag for word 1 \('call'\)"):
+        TokenClassification(minilm_tokenizer).fit_labels(records)

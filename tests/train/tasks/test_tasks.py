@@ -164,3 +164,16 @@ def test_unknown_task_option_lists_the_options(tokenizer: PreTrainedTokenizerBas
     with pytest.raises(LorakitError, match=r"unknown option 'max_len' for task 'instruction' \(did you mean "
                                            r"'max_length'\?\); it takes: instruction, input, output"):
         make_task("instruction", tokenizer, max_len=64)
+
+
+@pytest.mark.parametrize("bad", ["", "  ", None])
+def test_empty_or_null_label_names_the_record_instead_of_becoming_a_class(tokenizer: PreTrainedTokenizerBase,
+                                                                         bad: str | None) -> None:
+    records = [{"text": "a", "label": "0"}, {"text": "b", "label": "1"}, {"text": "c", "label": bad}]
+    with pytest.raises(LorakitError, match=r"record 2: empty label in field 'label'"):
+        SequenceClassification(tokenizer).fit_labels(records)
+
+
+def test_labels_with_surrounding_spaces_are_the_same_label(tokenizer: PreTrainedTokenizerBase) -> None:
+    records = [{"text": "a", "label": "1 "}, {"text": "b", "label": " 0"}, {"text": "c", "label": 1}]
+    assert SequenceClassification(tokenizer).fit_labels(records) == ["0", "1"]
