@@ -162,7 +162,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doub
         init = "gaussian" if config.init == "gaussian" and not doubled else True
     return {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": _peft_task_type(model),
         "base_model_name_or_path": base,
         "r": config.rank * factor,
         "lora_alpha": config.alpha * alpha_factor,
@@ -186,7 +186,7 @@ def _exact(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def _task_type(model: nn.Module) -> str | None:
+def _peft_task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
