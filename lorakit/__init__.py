@@ -20,14 +20,22 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError",
     "adapter_parameters", "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged",
-    "load_adapter", "load_model", "merge", "merged_state_dict", "per_row_adapters", "save_adapter", "set_strength",
+    "load_adapter", "load_for_inference", "load_model", "merge", "merge_adapter", "merged_state_dict", "per_row_adapters", "save_adapter", "set_strength",
     "unmerge",
 ]
 
 
-def __getattr__(name: str):  # load_model pulls in transformers' Auto classes; import it on first use
+def __getattr__(name: str):  # these pull in transformers' Auto classes; import them on first use
     if name == "load_model":
         from lorakit.models import load_model
 
         return load_model
+    if name == "load_for_inference":
+        from lorakit.inference import load_for_inference
+
+        return load_for_inference
+    if name == "merge_adapter":
+        from lorakit.export import merge_adapter
+
+        return merge_adapter
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
