@@ -25,13 +25,14 @@ from lorakit.errors import LorakitError
 from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
 from lorakit.train.checkpoint import (
-    latest_checkpoint,
-    load_trainer_state,
+    find_resumable,
     load_weights,
     prune_checkpoints,
     restore_rng_states,
     rng_states,
     save_checkpoint,
+    set_aside,
+    step_dir,
 )
 from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.data import batch_indices
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 class TrainingError(LorakitError):
     """The run cannot go on (non-finite loss, adapters without gradients); the message names the step."""
+
+
+class _NonFiniteLoss(TrainingError):
+    """Raised mid-step; `fit` completes the message with the checkpoint that is kept."""
 
 
 @dataclass
@@ -142,8 +147,10 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     scheduler = build_scheduler(optimizer, optim, steps)
     history: list[dict[str, Any]]
     pos, history, best = _Position(), [], _Best(task.greater_is_better)
+    saved: Path | None = None  # the newest checkpoint of this run, resumed from or written
     if resume:
         pos, history, best = _resume(model, optimizer, scheduler, out_dir, best, world)
+        saved = step_dir(out_dir, pos.step)
     elif run.seed is not None:
         torch.manual_seed(run.seed + world.rank)
     metrics_log = MetricsLog(out_dir, enabled=world.is_main, truncate_after=pos.step if resume else 0)
@@ -154,8 +161,13 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     started, tokens, stopped_early, window_loss = time.perf_counter(), 0, False, []
     metrics: dict[str, float] = {}
     while pos.step < steps:
-        loss_value, batch_tokens = _train_step(model, train_model, task, train_features, batches, optimizer,
-                                               scheduler, optim, pos, autocast, device, world)
+        try:
+            loss_value, batch_tokens = _train_step(model, train_model, task, train_features, batches, optimizer,
+                                                   scheduler, optim, pos, autocast, device, world)
+        except _NonFiniteLoss as e:
+            kept = (f"the newest checkpoint, {saved.name} in {saved.parent}, is kept" if saved is not None
+                    else "no checkpoint was written yet, so there is none to resume from")
+            raise TrainingError(f"{e}; training stopped and {kept} (lower optim.lr or set optim.clip_norm)") from None
         tokens += batch_tokens
         window_loss.append(loss_value)
         elapsed = time.perf_counter() - started
@@ -173,9 +185,9 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
             metrics, improved, stopped_early = _evaluate_and_track(model, task, eval_features, run, autocast, best,
                                                                    pos.step, history, metrics_log)
             if improved or stopped_early:
-                _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
+                saved = _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
         if run.save_every and pos.step % run.save_every == 0:
-            _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
+            saved = _checkpoint(model, optimizer, scheduler, pos, history, best, run, world)
         if stopped_early:
             log.info("early stopping at step %d: no improvement in %d evaluations", pos.step, best.stale)
             break
@@ -237,9 +249,7 @@ def _accumulate(model: nn.Module, task: Task, features: list[Features], batches:
             with autocast:
                 loss = task.loss(model, batch)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index}); "
-                                    "training stopped and the last good checkpoint is kept (lower optim.lr or set "
-                                    "optim.clip_norm)")
+                raise _NonFiniteLoss(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index})")
             (loss / optim.grad_accum).backward()
         total += loss.item() / optim.grad_accum
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
@@ -292,8 +302,8 @@ def _evaluate(model: nn.Module, task: Task, features: list[Features], run: RunSe
 
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, pos: _Position,
-                history: list[dict[str, Any]], best: _Best, run: RunSection, world: World) -> None:
-    """Every rank calls this (its RNG state is gathered); rank 0 writes."""
+                history: list[dict[str, Any]], best: _Best, run: RunSection, world: World) -> Path:
+    """Every rank calls this (its RNG state is gathered); rank 0 writes. Returns the checkpoint's directory."""
     rng = distributed.gather_objects(rng_states(), world)
     if world.is_main:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
@@ -302,22 +312,28 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
         save_checkpoint(Path(run.out_dir), pos.step, model, state)
         prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
     distributed.barrier(world)  # no rank runs ahead of a checkpoint it may resume from
+    return step_dir(run.out_dir, pos.step)
 
 
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, out_dir: Path, best: _Best,
             world: World) -> tuple[_Position, list[dict[str, Any]], _Best]:
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        raise LorakitError(f"nothing to resume: {out_dir} has no complete checkpoint (drop --resume to start anew)")
-    state = load_trainer_state(path)
-    if state.get("world_size", 1) != world.size:
-        raise LorakitError(f"{path} was written by {state.get('world_size', 1)} processes and this run has "
+    """Load the newest checkpoint that passes validation; newer damaged ones are set aside with a warning."""
+    path, state, skipped = find_resumable(out_dir)
+    if state["world_size"] != world.size:
+        raise LorakitError(f"{path} was written by {state['world_size']} processes and this run has "
                            f"{world.size}; resume with the same --nproc-per-node")
     load_weights(model, path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng_states(state["rng"][world.rank])
-    best.load(state["best"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_states(state["rng"][world.rank])
+        best.load(state["best"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise LorakitError(f"{path} does not fit this run: its optimizer, scheduler or random state was written by "
+                           f"another configuration ({type(e).__name__}: {' '.join(str(e).split())}); resume with the "
+                           "config that wrote it") from None
+    if world.is_main and skipped:
+        set_aside(skipped, path)
     log.info("resumed from %s (step %d)", path, state["step"])
     return _Position(state["step"], state["epoch"], state["batch"]), list(state["history"]), best
 
