@@ -48,12 +48,13 @@ class DataSection:
     the working directory first, then from the YAML file's directory; a flag's path only from the working
     directory.
 
-    task: what is learnt: classification, instruction (tuning), ner (a tag per word) or qa (extractive).
+    task: what is learnt: classification, instruction (tuning), ner (a tag per word), qa (extractive) or
+        translation (instruction tuning on parallel text, scored by BLEU and chrF; its format is `parallel`).
     train: the training data: a .json, .jsonl, .csv, .tsv or .conll file, a directory saved with `datasets`'
         `save_to_disk`, `hf:NAME[:CONFIG]` from the hub, or `PREFIX.{SRC,TGT}` with format `parallel`.
     eval: the evaluation data, written as `train`; null: hold out eval_fraction of train, or evaluate nothing.
-    format: the file format (see `lorakit.train.data.FORMATS`): `conll`, `squad`, or `parallel` for translation
-        pairs as instructions; null: from the file's suffix.
+    format: the file format (see `lorakit.train.data.FORMATS`): `conll`, `squad`, or `parallel` (the translation
+        task's, and its default); null: from the file's suffix.
     encoding: the text encoding of the data files, e.g. latin-1 or utf-16; utf-8 also drops a byte-order mark.
     columns: maps a task field (text, text_pair, label, instruction, input, output, tokens, tags) to a column of
         the data file.
@@ -164,7 +165,7 @@ SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "l
                                    "optim": OptimSection, "run": RunSection}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.task": ("classification", "instruction", "ner", "qa"),
+    "data.task": ("classification", "instruction", "ner", "qa", "translation"),
     "data.format": tuple(FORMATS),
     "lora.init": INIT_METHODS,
     "lora.bias": BIAS_MODES,
@@ -457,7 +458,13 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     d, r = config.data, config.run
     if not d.train:
         out.append((("data.train",), "data.train must name a data file or dataset"))
-    if r.method == "head-only" and d.task == "instruction":
+    if d.task == "translation" and d.format not in (None, "parallel"):
+        out.append((("data.format", "data.task"), f"data.task=translation reads parallel text: set data.format=parallel "
+                                                  f"or leave it unset, got data.format={d.format!r}"))
+    if d.format == "parallel" and d.task != "translation":
+        out.append((("data.format", "data.task"), f"parallel text is translation: set data.task=translation, got "
+                                                  f"data.task={d.task!r}"))
+    if r.method == "head-only" and d.task in ("instruction", "translation"):
         out.append((("run.method", "data.task"), f"run.method=head-only needs a task with a head (classification, "
                                                  f"ner, qa), got data.task={d.task!r}"))
     if d.eval and d.eval_fraction > 0:

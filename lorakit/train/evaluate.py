@@ -45,7 +45,7 @@ class Evaluation:
 def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None, *, num_beams: int = 1
                          ) -> Evaluation:
     """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data.
-    Translation data (`data.format: parallel`) is scored by BLEU and chrF of greedy (or beam) generations.
+    Translation (`data.task: translation`) is scored by BLEU and chrF of greedy (or beam) generations.
 
     Raises LorakitError for a base model without the head the task needs (a new classifier has nothing to score
     before training), for missing evaluation data, and for a bad `num_beams`.
@@ -65,7 +65,7 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
         raise LorakitError("no evaluation data: set data.eval or data.eval_fraction")
     if hasattr(task, "fit_labels"):
         task.fit_labels(train_records)
-    if config.data.format == "parallel":  # translation: score generated text, not the teacher-forced loss
+    if config.data.task == "translation":  # score generated text, not the teacher-forced loss
         from lorakit.train.tasks.translation import evaluate_generation, translation_scores
 
         metrics = evaluate_generation(model, tokenizer, eval_records, sampling, translation_scores,

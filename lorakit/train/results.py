@@ -33,8 +33,8 @@ def record_result(entry: dict[str, Any], json_path: str | Path) -> None:
 
 
 def results_task(config: TrainConfig) -> str:
-    """The task a result is filed under: `translation` for parallel text (trained as instruction tuning)."""
-    return "translation" if config.data.format == "parallel" else config.data.task
+    """The task a result is filed under: the run's `data.task`."""
+    return config.data.task
 
 
 def evaluated_method(model_name: str, adapter: str | Path | None) -> str:

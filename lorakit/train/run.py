@@ -88,9 +88,10 @@ class TrainSummary:
 def load_data(config: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and eval records, columns renamed to the task's fields; eval held out from train if no file."""
     d = config.data
-    train = _records(task, d.train, d.format, d.train_articles, d.columns, d.encoding)
+    format = "parallel" if d.task == "translation" else d.format
+    train = _records(task, d.train, format, d.train_articles, d.columns, d.encoding)
     if d.eval:
-        evaluation = _records(task, d.eval, d.format, d.eval_articles, d.columns, d.encoding)
+        evaluation = _records(task, d.eval, format, d.eval_articles, d.columns, d.encoding)
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.run.seed).shuffle(order)
@@ -137,7 +138,7 @@ def task_options(config: TrainConfig) -> dict[str, Any]:
 def prepare(config: TrainConfig) -> Prepared:
     """Load the base model, build the task, read and encode the data and inject the adapter."""
     torch.manual_seed(config.run.seed)  # the new head's and the adapter's initial weights
-    _, tokenizer = load_model(config.model.name, head="causal-lm" if config.data.task == "instruction" else "base")
+    _, tokenizer = load_model(config.model.name, head="causal-lm" if config.data.task in ("instruction", "translation") else "base")
     task = make_task(config.data.task, tokenizer, **task_options(config))
     train_records, eval_records = load_data(config, task)
     num_labels = None

@@ -214,7 +214,15 @@ def test_parallel_spec_and_flags_resolve_as_written(tmp_path, monkeypatch):
     (tmp_path / "conf").mkdir()
     for suffix in ("de", "en"):
         (tmp_path / "conf" / f"t.{suffix}").write_text("x\n")
-    (tmp_path / "conf" / "c.yaml").write_text("data:\n  train: t.{de,en}\n  format: parallel\n")
+    (tmp_path / "conf" / "c.yaml").write_text("data:\n  task: translation\n  train: t.{de,en}\n")
     monkeypatch.chdir(tmp_path)
     assert load_train_config("conf/c.yaml").data.train == str(Path("conf") / "t.{de,en}")
     assert load_train_config("conf/c.yaml", ["data.train=t.{de,en}"]).data.train == "t.{de,en}"
+
+
+def test_parallel_text_is_the_translation_task(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel text is translation: set data.task=translation"):
+        load_train_config(None, ["data.train=t.{de,en}", "data.format=parallel"])
+    with pytest.raises(ConfigError, match=r"data.task=translation reads parallel text"):
+        load_train_config(None, ["data.train=t.csv", "data.task=translation", "data.format=csv"])
+    assert load_train_config(None, ["data.train=t.{de,en}", "data.task=translation"]).data.task == "translation"

@@ -25,6 +25,7 @@ TASKS: dict[str, TaskClass] = {
     "instruction": InstructionTuning,
     "ner": TokenClassification,
     "qa": ExtractiveQA,
+    "translation": InstructionTuning,  # parallel text as instructions; `lorakit eval` scores its generations
 }
 
 __all__ = ["TASKS", "ExtractiveQA", "InstructionTuning", "SequenceClassification", "TokenClassification",
