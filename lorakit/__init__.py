@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError",
     "adapter_parameters", "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged",
-    "load_adapter", "load_for_inference", "load_model", "merge", "merge_adapter", "merged_state_dict", "per_row_adapters", "save_adapter", "set_strength",
-    "unmerge",
+    "load_adapter", "load_for_inference", "load_model", "merge", "merge_adapter", "merged_state_dict",
+    "per_row_adapters", "save_adapter", "set_strength", "unmerge",
 ]
 
 

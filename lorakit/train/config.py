@@ -459,8 +459,9 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     if not d.train:
         out.append((("data.train",), "data.train must name a data file or dataset"))
     if d.task == "translation" and d.format not in (None, "parallel"):
-        out.append((("data.format", "data.task"), f"data.task=translation reads parallel text: set data.format=parallel "
-                                                  f"or leave it unset, got data.format={d.format!r}"))
+        out.append((("data.format", "data.task"), f"data.task=translation reads parallel text: set "
+                                                  f"data.format=parallel or leave it unset, got "
+                                                  f"data.format={d.format!r}"))
     if d.format == "parallel" and d.task != "translation":
         out.append((("data.format", "data.task"), f"parallel text is translation: set data.task=translation, got "
                                                   f"data.task={d.task!r}"))
