@@ -68,7 +68,7 @@ def export_merged(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTo
             (tmp / "README.md").write_text(card)
         (tmp / MARK_NAME).write_text(json.dumps({"kind": MERGED_KIND}) + "\n")
 
-    atomic_write_dir(out_dir, fill)
+    atomic_write_dir(out_dir, fill, what=MERGED_KIND)
     return Path(out_dir)
 
 
