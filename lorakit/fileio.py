@@ -21,6 +21,10 @@ from lorakit.errors import LorakitError
 
 log = logging.getLogger(__name__)
 
+# What an interrupted write leaves beside its target: `.name.new-XXXX/` (half built), `.name.old-XXXX/previous`
+# (the previous version, moved aside for the swap) and `.name.XXXX.tmp` (a file being written).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<kind>new|old)-[A-Za-z0-9_]+|[A-Za-z0-9_]+\.tmp)$")
+
 # Libraries written in Rust (safetensors, tokenizers) report I/O failures as their own exception types whose
 # message ends with the OS error, e.g. "I/O error: No space left on device (os error 28)".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -183,3 +187,26 @@ def _fsync_dir_after_swap(directory: Path) -> None:
     except OSError as e:
         log.warning("could not flush directory %s to disk (%s); its new entry may not survive a power loss",
                     directory, describe(e))
+
+
+def recover_interrupted_writes(directory: str | Path) -> list[Path]:
+    """Tidy what writes killed mid-way left in `directory`: a previous version moved aside goes back in place when
+    its target is missing (a kill between the two renames of a swap), and every other leftover is deleted.
+    Returns the targets put back. Call it only when no write into `directory` is under way."""
+    directory = Path(directory)
+    restored = []
+    leftovers = sorted(directory.iterdir()) if directory.is_dir() else []
+    for leftover in leftovers:
+        match = _LEFTOVER.match(leftover.name)
+        if not match:
+            continue
+        target = directory / match.group("name")
+        if match.group("kind") == "old" and (leftover / "previous").exists() and not target.exists():
+            os.replace(leftover / "previous", target)
+            restored.append(target)
+            log.warning("put back %s, moved aside by a write that was interrupted", target)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return restored

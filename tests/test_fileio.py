@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from lorakit import fileio
-from lorakit.fileio import AtomicWriteError, atomic_write_bytes, atomic_write_dir, os_error_of
+from lorakit.fileio import (
+    AtomicWriteError,
+    atomic_write_bytes,
+    atomic_write_dir,
+    os_error_of,
+    recover_interrupted_writes,
+)
 
 
 def _fill_with(files: dict[str, bytes]):
@@ -135,7 +141,7 @@ def test_an_interrupt_mid_swap_leaves_the_old_version_complete_and_no_leftovers(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_kill_between_the_two_renames_leaves_one_complete_version_on_disk(tmp_path, old_version, monkeypatch):
+def _kill_between_the_two_renames(old_version: Path) -> None:
     # A real kill runs no cleanup: fork, and end the child with os._exit where the target is briefly absent.
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -155,11 +161,33 @@ def test_a_kill_between_the_two_renames_leaves_one_complete_version_on_disk(tmp_
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 9
+
+
+def test_a_kill_between_the_two_renames_leaves_one_complete_version_on_disk(tmp_path, old_version):
+    _kill_between_the_two_renames(old_version)
     assert not old_version.exists()
     (aside,) = tmp_path.glob(".out.old-*")
     (new,) = tmp_path.glob(".out.new-*")
     assert _tree(aside / "previous") == {"a.bin": b"old a", "sub/b.bin": b"old b"}
     assert _tree(new) == {"c.bin": b"new c"}
+
+
+def test_recovery_puts_back_the_version_a_killed_swap_moved_aside(tmp_path, old_version):
+    _kill_between_the_two_renames(old_version)
+    assert recover_interrupted_writes(tmp_path) == [old_version]
+    assert _tree(old_version) == {"a.bin": b"old a", "sub/b.bin": b"old b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_recovery_deletes_half_built_directories_and_temp_files_and_nothing_else(tmp_path, old_version):
+    (tmp_path / ".out.new-1a2b3c4d").mkdir()
+    (tmp_path / ".out.old-zz_9x8y7").mkdir()  # the previous version already deleted, `out` in place
+    (tmp_path / ".f.json.0badf00d.tmp").write_bytes(b"half")
+    (tmp_path / ".hidden").write_bytes(b"mine")
+    (tmp_path / "notes.new-1").write_bytes(b"mine")
+    assert recover_interrupted_writes(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "notes.new-1", "out"]
+    assert _tree(old_version) == {"a.bin": b"old a", "sub/b.bin": b"old b"}
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ from torch import nn
 from lorakit import distributed
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
+from lorakit.fileio import recover_interrupted_writes
 from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
 from lorakit.train.checkpoint import (
+    CHECKPOINTS,
     find_resumable,
     load_weights,
     prune_checkpoints,
@@ -318,6 +320,9 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, out_dir: Path, best: _Best,
             world: World) -> tuple[_Position, list[dict[str, Any]], _Best]:
     """Load the newest checkpoint that passes validation; newer damaged ones are set aside with a warning."""
+    if world.is_main:
+        recover_interrupted_writes(out_dir / CHECKPOINTS)  # what a kill during a checkpoint write left
+    distributed.barrier(world)  # every rank then sees the same checkpoints
     path, state, skipped = find_resumable(out_dir)
     if state["world_size"] != world.size:
         raise LorakitError(f"{path} was written by {state['world_size']} processes and this run has "
@@ -332,6 +337,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
         raise LorakitError(f"{path} does not fit this run: its optimizer, scheduler or random state was written by "
                            f"another configuration ({type(e).__name__}: {' '.join(str(e).split())}); resume with the "
                            "config that wrote it") from None
+    distributed.barrier(world)  # every rank has read its checkpoint before any is renamed
     if world.is_main and skipped:
         set_aside(skipped, path)
     log.info("resumed from %s (step %d)", path, state["step"])

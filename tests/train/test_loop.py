@@ -67,6 +67,7 @@ def test_run_killed_three_times_and_resumed_ends_with_the_same_adapter(tmp_path,
         assert torch.equal(actual[key], expected[key]), key  # bit-exact: resume restores every state exactly
     history = [line for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(history) == 12  # one history: lines past a checkpoint were dropped on resume
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".*"))  # writes cut by a kill were tidied on resume
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_classifier_dir, sentiment_tsv):
