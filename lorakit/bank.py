@@ -46,8 +46,9 @@ from torch import Tensor, nn
 
 from lorakit.errors import ConfigError, LorakitError, MergeStateError, did_you_mean
 from lorakit.inject import AdapterState
-from lorakit.io import CONFIG_NAME, _from_peft_key, config_from_peft, read_adapter
+from lorakit.io import read_adapter
 from lorakit.layers import LoraLinear, lora_modules
+from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key
 
 # module name -> (A (rank, in), B (out, rank), scaling): one adapter's linear factors, as the bank takes them.
 Factors = Mapping[str, tuple[Tensor, Tensor, float]]
@@ -171,7 +172,7 @@ def _factors_from_dir(path: Path, name: str) -> dict[str, tuple[Tensor, Tensor, 
     problems = _unsupported(name, config.init, config.modules_to_save)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
-        module_name, _, leaf = _from_peft_key(key).removesuffix(".weight").rpartition(".")
+        module_name, _, leaf = from_peft_key(key).removesuffix(".weight").rpartition(".")
         if leaf not in ("lora_A", "lora_B") or value.dim() != 2:
             problems.append(f"adapter {name!r}: {key!r} is not a linear LoRA factor; a bank takes only those "
                             "(no embeddings, convolutions, biases or saved modules)")

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError, LorakitError, did_you_mean
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.fileio import atomic_write_dir
 from lorakit.inject import (
     BuiltAdapter,
@@ -35,29 +35,14 @@ from lorakit.inject import (
     subtract_principal,
 )
 from lorakit.layers import LoraModule, lora_modules
+from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key, peft_config, to_peft_key
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PRINCIPAL_NAME = "principal_init.safetensors"
 TASK_NAME = "task.json"  # the training task's state (labels, max_length...), written beside a trained adapter
-PREFIX = "base_model.model."
 FORMAT_VERSION = "1"
-
-# Keys of PEFT's LoraConfig (0.21) that lorakit reads, and those it accepts only at their neutral value.
-_PEFT_READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias", "use_rslora",
-              "rank_pattern", "alpha_pattern", "modules_to_save", "init_lora_weights", "fan_in_fan_out"}
-_PEFT_NEUTRAL: dict[str, Any] = {
-    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-    "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "loftq_config": {},
-    "eva_config": None, "corda_config": None, "arrow_config": None, "lora_ga_config": None, "kasa_config": None,
-    "monteclora_config": None, "velora_config": None,
-}
-_PEFT_IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                 "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
-
 
 def fingerprint(model: nn.Module, targets: list[str]) -> str:
     """A short hash of the target modules' names and base weight shapes: what an adapter must fit."""
@@ -74,17 +59,6 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _to_peft_key(key: str, targets: set[str]) -> str:
-    owner, _, leaf = key.rpartition(".")
-    if leaf == "bias" and owner in targets:
-        key = f"{owner}.base_layer.bias"  # PEFT keeps the adapted layer's own parameters under `base_layer`
-    return PREFIX + key
-
-
-def _from_peft_key(key: str) -> str:
-    return key.removeprefix(PREFIX).replace(".base_layer.", ".")
-
-
 # ----------------------------------------------------------------------------------------------- saving
 
 
@@ -99,7 +73,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
     state = adapter_state(model)
     config = state.config
     targets = set(state.adapted)
-    tensors = {_to_peft_key(k, targets): p.detach().cpu().clone().contiguous()
+    tensors = {to_peft_key(k, targets): p.detach().cpu().clone().contiguous()
                for k, p in adapter_parameters(model).items()}
     if convert_principal:
         if config.init != "principal":
@@ -113,7 +87,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
         "lorakit_base_model": str(base or ""),
         "lorakit_checksum": _checksum(tensors),
     }
-    peft_config = _peft_config(model, config, base, doubled=convert_principal)
+    peft_json = peft_config(model, config, base, doubled=convert_principal)
     principal = None
     if config.init == "principal" and not convert_principal:
         principal = {f"{n}.A": a.contiguous() for n, (a, _) in state.principal_init.items()}
@@ -121,7 +95,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
 
     def fill(tmp: Path) -> None:
         (tmp / WEIGHTS_NAME).write_bytes(save_safetensors(tensors, metadata=metadata))
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_json, indent=2, sort_keys=True) + "\n")
         if principal:
             (tmp / PRINCIPAL_NAME).write_bytes(save_safetensors(principal, metadata={"format": "pt"}))
 
@@ -138,8 +112,8 @@ def _principal_as_plain_lora(model: nn.Module) -> dict[str, Tensor]:
         a_param, b_param = module.lora_parameters()
         wide_a = torch.cat([a.detach().float(), a0], dim=0)  # (2r, fan_in)
         wide_b = torch.cat([b.detach().float(), -b0], dim=1)  # (fan_out, 2r)
-        ka = _to_peft_key(_param_key(name, module, a_param), set())
-        kb = _to_peft_key(_param_key(name, module, b_param), set())
+        ka = to_peft_key(_param_key(name, module, a_param), set())
+        kb = to_peft_key(_param_key(name, module, b_param), set())
         out[ka] = wide_a.view(2 * a.shape[0], *a_param.shape[1:]).to(a_param.dtype).contiguous()
         out[kb] = wide_b.view(b_param.shape[0], 2 * a.shape[0], *b_param.shape[2:]).to(b_param.dtype).contiguous()
     return out
@@ -149,98 +123,7 @@ def _param_key(name: str, module: LoraModule | nn.Module, param: nn.Parameter) -
     return next(f"{name}.{k}" for k, p in cast(nn.Module, module).named_parameters() if p is param)
 
 
-def _peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doubled: bool) -> dict[str, Any]:
-    state = adapter_state(model)
-    modules = dict(lora_modules(model))
-    factor = 2 if doubled else 1
-    alpha_factor = (2 ** 0.5 if config.rslora else 2.0) if doubled else 1.0
-    rank_pattern = {_exact(n): m.rank * factor for n, m in modules.items() if m.rank != config.rank}
-    alpha_pattern = {_exact(n): m.alpha * alpha_factor for n, m in modules.items() if m.alpha != config.alpha}
-    if config.init == "principal" and not doubled:
-        init: Any = "pissa" if config.svd_iters is None else f"pissa_niter_{config.svd_iters}"
-    else:
-        init = "gaussian" if config.init == "gaussian" and not doubled else True
-    return {
-        "peft_type": "LORA",
-        "task_type": _peft_task_type(model),
-        "base_model_name_or_path": base,
-        "r": config.rank * factor,
-        "lora_alpha": config.alpha * alpha_factor,
-        "target_modules": list(state.adapted),
-        "exclude_modules": None,
-        "lora_dropout": config.dropout,
-        "bias": config.bias,
-        "use_rslora": config.rslora,
-        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in modules.values()),
-        "modules_to_save": list(state.modules_to_save) or None,
-        "init_lora_weights": init,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "inference_mode": True,
-        **_PEFT_NEUTRAL,
-    }
-
-
-def _exact(name: str) -> str:
-    """A PEFT pattern key that matches exactly module `name` (PEFT reads pattern keys as regular expressions)."""
-    return name.replace(".", r"\.")
-
-
-def _peft_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
-        if cls.endswith(suffix):
-            return task
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def config_from_peft(data: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
-    """Translate a PEFT LoRA `adapter_config.json` into a `LoraConfig`, strictly: unknown keys and PEFT features
-    lorakit does not implement are errors, all listed at once."""
-    problems = []
-    known = _PEFT_READ | set(_PEFT_NEUTRAL) | _PEFT_IGNORED
-    for key in data:
-        if key not in known:
-            problems.append(f"{source}: unknown key {key!r}{did_you_mean(key, known)}")
-    if data.get("peft_type", "LORA") != "LORA":
-        problems.append(f"{source}: peft_type {data.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
-    for key, neutral in _PEFT_NEUTRAL.items():
-        if key in data and data[key] not in (neutral, None, {}, False):
-            problems.append(f"{source}: {key}={data[key]!r} is a PEFT feature lorakit does not support")
-    init_value = data.get("init_lora_weights", True)
-    init, svd_iters = "standard", None
-    if isinstance(init_value, str) and init_value.startswith("pissa"):
-        init = "principal"
-        if "_niter_" in init_value:
-            svd_iters = int(init_value.rsplit("_", 1)[-1])
-    elif init_value == "gaussian":
-        init = "gaussian"
-    elif init_value not in (True, False):
-        problems.append(f"{source}: init_lora_weights={init_value!r} is not supported (use true, gaussian or pissa)")
-    if problems:
-        raise ConfigError(problems)
-
-    def patterns(value: Any) -> list[str]:
-        if value is None:
-            return []
-        if isinstance(value, str):  # PEFT: a string is a regular expression, or the all-linear preset
-            return [value] if value == "all-linear" else [f"re:{value}"]
-        return list(value)
-
-    def keyed(mapping: dict[str, Any] | None) -> dict[str, Any]:
-        return {rf"re:(.*\.)?({k})": v for k, v in (mapping or {}).items()}  # PEFT's get_pattern_key semantics
-
-    return LoraConfig(
-        rank=data.get("r", 8), alpha=data.get("lora_alpha", 8), targets=patterns(data.get("target_modules")),
-        exclude=patterns(data.get("exclude_modules")), init=init, svd_iters=svd_iters,
-        dropout=data.get("lora_dropout", 0.0), bias=data.get("bias", "none"), rslora=data.get("use_rslora", False),
-        rank_pattern=keyed(data.get("rank_pattern")), alpha_pattern=keyed(data.get("alpha_pattern")),
-        modules_to_save=list(data.get("modules_to_save") or []),
-    )
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
@@ -311,7 +194,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
     built = _build_for(model, config, metadata, path)
     selection, modules = built.selection, built.modules
-    found = {_from_peft_key(k): v for k, v in tensors.items()}
+    found = {from_peft_key(k): v for k, v in tensors.items()}
     # PEFT saves the whole table of an adapted embedding by default (`save_embedding_layers`, for resized
     # vocabularies); the key is optional and, as in PEFT, the saved table replaces the base's on load.
     tables = {f"{n}.weight": cast(nn.Parameter, modules[n].weight) for n in selection.adapted
@@ -400,7 +283,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     """Copy the weights of the adapter at `path` into a model that already carries the same adapter (resuming a
     run). Strict: the file's keys and shapes must equal the model's adapter parameters."""
     _, tensors, _ = read_adapter(path)
-    found = {_from_peft_key(k): v for k, v in tensors.items()}
+    found = {from_peft_key(k): v for k, v in tensors.items()}
     params = adapter_parameters(model)
     _check_fit(path, found, {k: tuple(p.shape) for k, p in params.items()})
     with torch.no_grad():
@@ -428,7 +311,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "base_model": raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model"),
         "fingerprint": metadata.get("lorakit_fingerprint"),
         "task_type": raw_config.get("task_type"),
-        "rank": counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}" if counts else None,
+        "rank": config.rank, "ranks": counts,
         "alpha": config.alpha, "init": config.init, "rslora": config.rslora,
         "targets": len(ranks),
         "rank_overrides": len(config.rank_pattern),
@@ -442,7 +325,7 @@ def factor_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
     """The rank of each adapted module, read from its A factor's first dimension (PEFT or lorakit keys)."""
     ranks = {}
     for key, tensor in tensors.items():
-        name = _from_peft_key(key)
+        name = from_peft_key(key)
         for leaf in (".lora_A.weight", ".lora_embedding_A"):
             if name.endswith(leaf):
                 ranks[name.removesuffix(leaf)] = int(tensor.shape[0])

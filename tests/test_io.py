@@ -178,4 +178,5 @@ def test_inspect_reports_base_targets_ranks_and_size(tmp_path):
                  base_model="tiny-llama")
     info = inspect_adapter(tmp_path / "a")
     assert info["base_model"] == "tiny-llama" and info["targets"] == 14 and info["rank"] == 4
+    assert info["ranks"] == [2, 4]  # read from the factors: q_proj's are rank 2
     assert info["rank_overrides"] == 2 and info["bytes"] > info["parameters"] * 4
