@@ -41,9 +41,9 @@ import torch
 
 from lorakit import LoraConfig, inject
 from lorakit.models import load_model
-from lorakit.train.config import OptimSection
 from lorakit.train.loop import build_optimizer
 from lorakit.train.run import enable_activation_checkpointing
+from lorakit.train.sections import OptimSection
 from lorakit.train.tasks.instruction import InstructionTuning
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

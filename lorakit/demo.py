@@ -22,8 +22,8 @@ from lorakit.io import load_adapter, save_adapter
 from lorakit.merge import merge
 from lorakit.models import load_model, model_bytes
 from lorakit.outputs import claim_output_dir
-from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.loop import fit
+from lorakit.train.sections import OptimSection, RunSection
 from lorakit.train.tasks import make_task
 
 Echo = Callable[[str], None]

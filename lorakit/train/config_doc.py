@@ -11,7 +11,8 @@ import re
 import textwrap
 import typing
 
-from lorakit.train.config import BOUNDS, CHOICES, SECTION_TYPES, describe_type
+from lorakit.train.config import describe_type
+from lorakit.train.sections import BOUNDS, CHOICES, SECTION_TYPES
 
 
 def config_help() -> str:
@@ -41,7 +42,7 @@ def config_markdown() -> str:
     """docs/config.md: `config_help()` in a Markdown page."""
     return ("# Training configuration\n\n"
             "Every key of a `lorakit train` YAML file (or `--section.key=value` flag), with its type, default,\n"
-            "allowed values and meaning, generated from the dataclasses in `lorakit/train/config.py` and\n"
+            "allowed values and meaning, generated from the dataclasses in `lorakit/train/sections.py` and\n"
             "`lorakit/config.py`; `lorakit train --help-config` prints the same. Regenerate with\n\n"
             "    python -c \"from lorakit.train.config_doc import config_markdown as m; print(m(), end='')\" "
             "> docs/config.md\n\n```\n" + config_help() + "```\n")

@@ -16,9 +16,9 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.inference import HEAD_FOR_TASK, load_for_inference
 from lorakit.models import resolve_head
-from lorakit.train.config import TrainConfig
 from lorakit.train.results import evaluated_method, results_task
 from lorakit.train.run import load_data, task_options
+from lorakit.train.sections import TrainConfig
 from lorakit.train.tasks import TASKS, make_task, task_from_state
 
 

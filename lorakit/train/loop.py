@@ -36,9 +36,9 @@ from lorakit.train.checkpoint import (
     set_aside,
     step_dir,
 )
-from lorakit.train.config import OptimSection, RunSection
 from lorakit.train.data import batch_indices
 from lorakit.train.metrics_log import MetricsLog
+from lorakit.train.sections import OptimSection, RunSection
 from lorakit.train.task import Features, Task
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from lorakit.train.config import TrainConfig
+    from lorakit.train.sections import TrainConfig
 
 COLUMNS = ("task", "data", "model", "method", "metric", "value", "trainable_params", "trainable_pct",
            "train_seconds", "steps")

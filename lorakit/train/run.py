@@ -29,13 +29,13 @@ from lorakit.io import TASK_NAME
 from lorakit.models import load_model
 from lorakit.outputs import OutputExistsError, claim_output_dir
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
-from lorakit.train.config import TrainConfig
 from lorakit.train.data import check_labels, map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
 from lorakit.train.metrics_log import METRICS_FILE, plot_loss_curve
 from lorakit.train.preflight import check_max_length, check_output_dir
 from lorakit.train.readers import read_squad
 from lorakit.train.results import results_task
+from lorakit.train.sections import TrainConfig
 from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO_ROOT
 
 from lorakit.cli import main
-from lorakit.train.config import SECTION_TYPES
 from lorakit.train.config_doc import config_help, config_markdown, key_docs
+from lorakit.train.sections import SECTION_TYPES
 
 
 @pytest.mark.parametrize("section", list(SECTION_TYPES))

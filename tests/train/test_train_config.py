@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO_ROOT
 
 from lorakit.errors import ConfigError
-from lorakit.train.config import SECTION_TYPES, load_train_config
+from lorakit.train.config import load_train_config
+from lorakit.train.sections import SECTION_TYPES
 
 RECIPES = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
 

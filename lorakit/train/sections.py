@@ -1,0 +1,206 @@
+"""The sections of a training configuration (`model`, `data`, `lora`, `optim`, `run`) as dataclasses: the only
+place their defaults live. Each docstring documents its keys; `CHOICES` and `BOUNDS` hold what values are
+allowed. `lorakit.train.config` reads YAML files and flags into these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.config import BIAS_MODES, INIT_METHODS, LoraConfig
+from lorakit.train.data import FORMATS
+from lorakit.train.readers import check_encoding
+
+
+@dataclass
+class ModelSection:
+    """The base model.
+
+    name: `smollm2` or `minilm` (the bundled models), a local model directory or a Hugging Face hub id.
+    dtype: the dtype the base model's weights are loaded in.
+    """
+
+    name: str = "smollm2"
+    dtype: str = "float32"
+
+
+@dataclass
+class DataSection:
+    """The data, how it is read and how it is cut. A relative path in a YAML file (train, eval) is looked up from
+    the working directory first, then from the YAML file's directory; a flag's path only from the working
+    directory.
+
+    task: what is learnt: classification, instruction (tuning), ner (a tag per word), qa (extractive) or
+        translation (instruction tuning on parallel text, scored by BLEU and chrF; its format is `parallel`).
+    train: the training data: a .json, .jsonl, .csv, .tsv or .conll file, a directory saved with `datasets`'
+        `save_to_disk`, `hf:NAME[:CONFIG]` from the hub, or `PREFIX.{SRC,TGT}` with format `parallel`.
+    eval: the evaluation data, written as `train`; null: hold out eval_fraction of train, or evaluate nothing.
+    format: the file format (see `lorakit.train.data.FORMATS`): `conll`, `squad`, or `parallel` (the translation
+        task's, and its default); null: from the file's suffix.
+    encoding: the text encoding of the data files, e.g. latin-1 or utf-16; utf-8 also drops a byte-order mark.
+    columns: maps a task field (text, text_pair, label, instruction, input, output, tokens, tags) to a column of
+        the data file.
+    max_length: tokens per example (per window for qa); longer inputs are truncated. At most the model's
+        positions (max_position_embeddings).
+    train_limit: use only the first train_limit training records (after any eval_fraction hold-out); null: all.
+    eval_limit: use only the first eval_limit evaluation records; null: all.
+    eval_fraction: the share of train held out for evaluation when there is no eval file.
+    labels: the label (classification) or tag (ner) names in the order of the model's outputs; null: the
+        distinct values of the training data, sorted.
+    train_articles / eval_articles: `[start, stop)` article indices to take from a `squad` file (a split by
+        article: no context on both sides).
+    """
+
+    task: str = "instruction"
+    train: str = ""
+    eval: str | None = None
+    format: str | None = None
+    encoding: str = "utf-8"
+    columns: dict[str, str] = field(default_factory=dict)
+    max_length: int = 256
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_fraction: float = 0.0
+    labels: list[str] | None = None
+    train_articles: list[int] | None = None
+    eval_articles: list[int] | None = None
+
+
+@dataclass
+class OptimSection:
+    """AdamW, a linear warm-up, then a cosine, linear or constant learning rate. Steps are optimizer steps.
+
+    lr: the peak learning rate.
+    lora_plus_ratio: the B factors learn at lr x lora_plus_ratio (LoRA+, Hayou et al. 2024, section 3: about 16);
+        1: plain LoRA.
+    weight_decay: AdamW's decoupled weight decay (biases get none).
+    schedule: the learning rate after warm-up: cosine or linear decay to 0 at the last step, or constant.
+    warmup_steps: optimizer steps of linear warm-up from 0 to lr.
+    epochs: passes over the training data (a fraction is allowed); max_steps overrides it.
+    max_steps: optimizer steps to train; null: from epochs.
+    batch_size: examples per forward pass and process.
+    grad_accum: forward passes per optimizer step (the batch of a step: batch_size x grad_accum x processes).
+    clip_norm: clip the gradients' global norm to this; null: no clipping.
+    """
+
+    lr: float = 2e-4
+    lora_plus_ratio: float = 1.0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    clip_norm: float | None = 1.0
+
+
+@dataclass
+class RunSection:
+    """Where the run writes, what trains, when it evaluates and saves, and on which device.
+
+    out_dir: the run's directory: checkpoints, config.json, the loss curve and the published adapter (or model).
+        Checked before the model loads: it must be (or be creatable as) a directory you can write.
+    seed: seeds the new weights' initialisation, the data order and the eval_fraction hold-out.
+    eval_every: evaluate every eval_every optimizer steps (0: only at the end).
+    save_every: save a checkpoint every save_every optimizer steps (0: only at evaluations and the end).
+    keep_last: checkpoints kept besides the best (the newest is what --resume continues from).
+    early_stopping: stop after this many evaluations without improvement; null: never.
+    log_every: log the loss every log_every optimizer steps.
+    eval_batch_size: examples per forward pass in evaluation.
+    group_by_length: batch examples of similar length together (less padding; the order stays random).
+    method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone) or
+        `full` (every parameter; the baseline LoRA is measured against).
+    activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
+    mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
+    device: auto (CUDA when there is one), cpu or cuda.
+    """
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    early_stopping: int | None = None
+    log_every: int = 10
+    eval_batch_size: int = 32
+    group_by_length: bool = True
+    method: str = "lora"
+    activation_checkpointing: bool = False
+    mixed_precision: str = "no"
+    device: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig,
+                                   "optim": OptimSection, "run": RunSection}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.task": ("classification", "instruction", "ner", "qa", "translation"),
+    "data.format": tuple(FORMATS),
+    "lora.init": INIT_METHODS,
+    "lora.bias": BIAS_MODES,
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "run.mixed_precision": ("no", "bf16", "fp16"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.method": ("lora", "head-only", "full"),
+}
+_SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int
+
+
+def _at_least(low: float) -> tuple[str, Callable[[Any], bool]]:
+    return f">= {low:g}", lambda v: v >= low
+
+
+def _above(low: float) -> tuple[str, Callable[[Any], bool]]:
+    return f"> {low:g}", lambda v: v > low
+
+
+# What each number (and the encoding) may be, beyond its type: a description for messages and --help-config, and
+# the test. A null passes where the type allows it. Every float key is also checked to be finite.
+BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "data.encoding": ("an encoding Python knows (e.g. utf-8, latin-1, utf-16)", lambda v: check_encoding(v) is None),
+    "data.max_length": _at_least(8),
+    "data.train_limit": _at_least(1),
+    "data.eval_limit": _at_least(1),
+    "data.eval_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lora.rank": ("a positive int", lambda v: v >= 1),
+    "lora.alpha": _above(0),
+    "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lora.svd_iters": _at_least(0),
+    "lora.seed": ("in [0, 2**63)", lambda v: 0 <= v < _SEEDS),
+    "optim.lr": _above(0),
+    "optim.lora_plus_ratio": _above(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.epochs": _above(0),
+    "optim.max_steps": _at_least(1),
+    "optim.batch_size": _at_least(1),
+    "optim.grad_accum": _at_least(1),
+    "optim.clip_norm": _above(0),
+    "run.seed": ("in [0, 2**63)", lambda v: 0 <= v < _SEEDS),
+    "run.eval_every": _at_least(0),
+    "run.save_every": _at_least(0),
+    "run.keep_last": _at_least(1),
+    "run.early_stopping": _at_least(1),
+    "run.log_every": _at_least(1),
+    "run.eval_batch_size": _at_least(1),
+}
+
+
+
+# ---------------------------------------------------------------- loading
