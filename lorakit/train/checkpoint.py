@@ -281,11 +281,6 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return [(step, path) for step, path in _step_dirs(run_dir) if _is_complete(path)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
 def find_resumable(run_dir: Path) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
     """The newest checkpoint that passes `validate_checkpoint`: (its path, its trainer state, the newer ones
     skipped with the reason). Raises LorakitError, one line with every checkpoint's fault, if none passes."""
