@@ -16,6 +16,7 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.inference import HEAD_FOR_TASK, load_for_inference
 from lorakit.models import resolve_head
+from lorakit.train.preflight import check_data_files
 from lorakit.train.results import evaluated_method, results_task
 from lorakit.train.run import load_data, task_options
 from lorakit.train.sections import TrainConfig
@@ -53,6 +54,7 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
     from lorakit.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=max(config.data.max_length // 2, 1), num_beams=num_beams)
+    check_data_files(config.data)
     loaded = load_for_inference(config.model.name if adapter is None or config.model.name else None, adapter)
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.task_state is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.train.readers import existing_file
 
 
 def check_output_dir(path: str | Path) -> None:
@@ -61,3 +62,17 @@ def check_max_length(max_length: int, model_config: Any, model_name: str = "the 
                            f"(max_position_embeddings); set --data.max_length={limit} or less")
 
 
+
+
+def check_data_files(data: Any) -> None:
+    """Raise LorakitError when `data.train` or `data.eval` (a DataSection) names a file that does not exist, before
+    any model loads; hub datasets (`hf:`) are left to the reader, parallel text `PREFIX.{SRC,TGT}` checks both files."""
+    for path in (data.train, data.eval):
+        if not path or str(path).startswith("hf:"):
+            continue
+        head, brace, rest = str(path).rpartition("{")
+        parallel = data.task == "translation" or data.format == "parallel"
+        files = [head + code.strip() for code in rest.removesuffix("}").split(",")] if parallel and brace else [path]
+        for file in files:
+            if not Path(file).expanduser().exists():
+                existing_file(file)  # raises its "not found" error, with where relative paths start

@@ -32,7 +32,7 @@ from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.data import check_labels, map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
 from lorakit.train.metrics_log import METRICS_FILE, plot_loss_curve
-from lorakit.train.preflight import check_max_length, check_output_dir
+from lorakit.train.preflight import check_data_files, check_max_length, check_output_dir
 from lorakit.train.readers import read_squad
 from lorakit.train.results import results_task
 from lorakit.train.sections import TrainConfig
@@ -198,6 +198,7 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool 
     All of this is checked before the model loads.
     """
     check_output_dir(config.run.out_dir)  # before any model loads
+    check_data_files(config.data)
     if not resume and World.from_env().is_main:
         _claim_run_dir(Path(config.run.out_dir), force)
     device = _device(config.run.device)
