@@ -96,12 +96,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """Every file and directory under `root` on disk, so a crash after the rename cannot leave empty files."""
+    """Every file and directory under `root` on disk, so a crash after the rename cannot leave empty files; and
+    each with the umask's permissions, whatever wrote it (safetensors' writer creates its files 0600)."""
+    umask = _umask()
     for directory, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(directory, name), "rb") as f:
+            file = os.path.join(directory, name)
+            os.chmod(file, 0o666 & ~umask)
+            with open(file, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(directory, 0o777 & ~umask)
         _fsync_dir(Path(directory))
+
+
+def _umask() -> int:
+    """The process umask: from /proc where Linux shows it, else by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, what: str = "file") -> None:

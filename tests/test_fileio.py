@@ -219,3 +219,16 @@ def test_a_stricter_umask_is_honoured_as_well(tmp_path):
         os.umask(old)
     assert _mode(tmp_path / "f.json") == 0o600
     assert _mode(tmp_path / "d") == 0o700
+
+
+def test_files_a_library_writes_0600_inside_a_directory_follow_the_umask(tmp_path, umask_022):
+    import torch
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors creates its files 0600
+        (tmp / "sub").mkdir(mode=0o700)
+
+    atomic_write_dir(tmp_path / "d", fill)
+    assert _mode(tmp_path / "d" / "model.safetensors") == 0o644
+    assert _mode(tmp_path / "d" / "sub") == 0o755
