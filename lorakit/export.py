@@ -80,8 +80,9 @@ def model_card(base: str, adapter: Path, task_state: dict[str, Any] | None, dtyp
     config = state.config
     task = task_state.get("task") if task_state else None
     labels = task_state.get("labels") if task_state else None
+    name = adapter.resolve().parent.name if adapter.name == "adapter" else adapter.name  # a run's adapter/
     lines = ["---", f"base_model: {json.dumps(base)}", "library_name: transformers",
-             "tags: [lorakit, lora, merged]", "---", "", f"# {adapter.name} merged into {base}", "",
+             "tags: [lorakit, lora, merged]", "---", "", f"# {name}: {base} with a LoRA adapter merged in", "",
              f"This is `{base}` with a LoRA adapter merged into its weights (W + scaling · B A, added in fp32, "
              f"saved in {dtype}). It loads with plain `transformers` and runs at the base model's speed.", "",
              "| | |", "|---|---|", f"| base model | `{base}` |", f"| adapter | `{adapter}` |",
