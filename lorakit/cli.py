@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["train"].add_argument("--quiet", action="store_true", help="no progress bar")
     parsers["train"].add_argument("--record", metavar="JSON", help="append the result to this results file "
                                   "(e.g. docs/results.json; the .md beside it is rewritten)")
-    parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the base model")
+    parsers["eval"].add_argument("--adapter", help="an adapter directory; omit to score the model itself (it needs "
+                                 "the task's head: a causal LM for instruction and translation, else a saved head)")
     parsers["eval"].add_argument("--record", metavar="JSON", help="append the result to this results file")
     parsers["eval"].add_argument("--num-beams", type=int, default=1, help="beam search for generation tasks")
     for name in ("train", "eval"):
