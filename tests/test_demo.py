@@ -1,4 +1,5 @@
-"""The main job end to end on the real SmolLM2 (about 3 minutes on 2 cores: opt-in with -m slow)."""
+"""The main job end to end on the real SmolLM2: its accuracy targets and merged answers (about 3 minutes on 2 idle
+cores: opt-in with -m slow). How long it takes is a benchmark figure, not asserted here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,5 @@ def test_demo_meets_its_targets(tmp_path):
     result = run_demo(tmp_path)
     assert result["adapted_accuracy"] >= 0.8
     assert result["adapted_accuracy"] - result["base_accuracy"] >= 0.5
-    assert result["seconds"] <= 300
     assert result["merged_answers_identical"]
     assert 0 < result["adapter_bytes"] < result["model_bytes"] / 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import approx
 
 from lorakit import demo_task
 from lorakit.demo_task import make_examples, score, split
@@ -91,7 +92,7 @@ def test_split_rejects_negative_sizes():
 def test_score_is_exact_match_after_stripping():
     predictions = ["3 6 2", " 9 1 7 4\n", "9 1 7 4.", "The numbers are 2, 6, 3.", "4 7 1 9"]
     references = ["3 6 2", "9 1 7 4", "9 1 7 4", "3 6 2", "9 1 7 4"]
-    assert score(predictions, references) == pytest.approx(2 / 5)
+    assert score(predictions, references) == approx(2 / 5)
 
 
 def test_score_is_one_and_zero_at_the_extremes():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import assert_close, write_config
 from safetensors.torch import load_file
 
 from lorakit.train.checkpoint import list_checkpoints
@@ -68,7 +68,7 @@ def _assert_same_adapter(a: Path, b: Path, weights: str = WEIGHTS, exact: bool =
         if exact:
             assert torch.equal(actual[key], expected[key]), key
         else:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-5)
+            assert_close(actual[key], expected[key], "fp32 reordered")  # the batch reduced in another order
 
 
 def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path, no_dropout_model_dir,

@@ -96,6 +96,7 @@ def test_initial_adapter_leaves_output_unchanged(init, token_ids):
     with torch.no_grad():
         before = model(token_ids).logits
     inject(model, LoraConfig(rank=4, targets=["llama"], init=init))
+    assert len(lora_modules(model)) == 2 * 7  # adapters in place: an unchanged output is the init's doing
     with torch.no_grad():
         after = model(token_ids).logits
     assert_close(after, before, torch.float32)

@@ -36,13 +36,24 @@ def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _changed(model, before):
+    """The state-dict keys whose values differ from `before`."""
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def _adapted_weights(model):
+    return {f"{name}.weight" for name, _ in lora_modules(model)}
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_bert, tiny_gpt2])
 def test_merged_and_unmerged_outputs_agree(make, token_ids):
     model = _trained(make(), targets=["all-linear"])
     with torch.no_grad():
         unmerged = _logits(model, token_ids)
+        before = _weights(model)
         merge(model)
         merged = _logits(model, token_ids)
+    assert _changed(model, before) == _adapted_weights(model)  # the deltas are in the weights now
     assert_close(merged, unmerged, "fp32 reordered")
 
 
@@ -56,6 +67,7 @@ def test_merge_then_unmerge_restores_weight(init):
     before = _weights(model)
     merge(model)
     assert is_merged(model)
+    assert _changed(model, before) == _adapted_weights(model)
     unmerge(model)
     assert not is_merged(model)
     for key, value in model.state_dict().items():
