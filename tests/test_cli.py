@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_config
+from conftest import assert_close, write_config
 
 from lorakit.cli import main
 
@@ -131,7 +131,7 @@ def test_merged_directory_loads_in_plain_transformers_with_the_adapted_outputs(t
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     batch = tokenizer(["a fine film", "bad acting"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-5)
+        assert_close(plain(**batch).logits, adapted(**batch).logits, "fp32 reordered")
 
 
 @pytest.mark.integration

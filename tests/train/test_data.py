@@ -343,7 +343,9 @@ def test_blank_tag_names_the_line_of_the_sentence(tmp_path: Path) -> None:
 
 def test_check_labels_passes_good_records_and_other_tasks(tmp_path: Path) -> None:
     check_labels([{"label": "0"}, {"label": 1}], "classification", "x.tsv")
-    check_labels([{"output": ""}], "instruction", "x.jsonl")
+    check_labels([{"output": ""}], "instruction", "x.jsonl")  # an empty output is no label: instruction has none
+    with pytest.raises(LorakitError, match="empty label"):  # the same check does fire on a blank label
+        check_labels([{"label": "0"}, {"label": " "}], "classification", "x.tsv")
 
 
 def test_conll_line_without_its_tag_names_the_line(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ encoded."""
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
@@ -60,4 +61,6 @@ def test_max_length_up_to_the_model_positions_passes_and_above_is_named(config, 
 
 
 def test_config_without_positions_is_not_checked():
-    check_max_length(10**6, object())
+    check_max_length(10**6, object())  # nothing to compare with: no error
+    with pytest.raises(LorakitError, match="max_position_embeddings"):  # while a config with positions is checked
+        check_max_length(10**6, types.SimpleNamespace(max_position_embeddings=512, model_type="bert"))

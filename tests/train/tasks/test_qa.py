@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, approx
 from torch import nn
 from transformers import BertConfig, BertForQuestionAnswering, PreTrainedTokenizerBase
 
@@ -167,12 +167,12 @@ def test_normalize_answer_follows_the_official_script() -> None:
 
 def test_squad_scores_match_hand_computed_values() -> None:
     # "in Paris, France" vs "Paris": 1 shared token, P 1/3, R 1 -> F1 0.5; vs "Paris France": P 2/3, R 1 -> 0.8
-    assert squad_f1("in Paris, France", "Paris") == pytest.approx(0.5)
+    assert squad_f1("in Paris, France", "Paris") == approx(0.5)
     predictions = ["the Eiffel Tower", "in Paris, France", "Rome"]
     references = [["Eiffel Tower"], ["Paris", "Paris France"], ["Milan"]]
     scores = squad_scores(predictions, references)
-    assert scores["exact_match"] == pytest.approx(100 / 3)
-    assert scores["f1"] == pytest.approx(100 * (1 + 0.8 + 0) / 3)
+    assert scores["exact_match"] == approx(100 / 3)
+    assert scores["f1"] == approx(100 * (1 + 0.8 + 0) / 3)
     with pytest.raises(LorakitError, match="example 0 has no reference answers"):
         squad_scores(["x"], [[]])
 
@@ -195,7 +195,7 @@ def test_squad_config_splits_by_article_trains_and_reloads(tmp_path: Path, tiny_
     summary = train_from_config(config)
     assert summary.metric == "f1" and summary.value is not None
     metrics = evaluate_from_config(config, adapter=summary.adapter_dir).metrics
-    assert metrics["f1"] == pytest.approx(summary.value, abs=0) and "exact_match" in metrics
+    assert metrics["f1"] == approx(summary.value, "exact") and "exact_match" in metrics
 
 
 def test_articles_need_the_squad_format_and_a_range() -> None:
