@@ -104,6 +104,21 @@ def test_existing_run_directory_needs_resume(tmp_path, tiny_classifier_dir, sent
     assert "pass --resume" in _error_line(capsys)
 
 
+def test_force_starts_a_run_over_replacing_only_the_files_a_run_writes(tmp_path, tiny_classifier_dir, sentiment_tsv,
+                                                                      capsys):
+    config = _config(tmp_path, tiny_classifier_dir, *sentiment_tsv, optim={"max_steps": 2},
+                     run={"save_every": 1, "keep_last": 5})
+    assert main(["train", config, "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-00000002").is_dir()
+    (run / "my-notes.txt").write_text("kept")
+    assert main(["train", config, "--quiet", "--force", "--optim.max_steps=1"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
+    steps = [json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 1  # the old run's lines (step 2) are gone with it
+    assert (run / "my-notes.txt").read_text() == "kept"
+
+
 def test_help_works_for_every_command(capsys):
     from lorakit.cli import COMMANDS
 
