@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from lorakit.train.results import results_task
 from lorakit.train.sections import TrainConfig
 from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task
+from lorakit.train.tasks.collapse import summary_warnings
 
 log = logging.getLogger(__name__)
 RUN_KIND = "train run"
@@ -71,6 +72,7 @@ class TrainSummary:
     adapter_dir: str
     adapter_bytes: int
     loss_curve: str | None
+    warnings: list[str] = field(default_factory=list)  # e.g. predictions collapsed to one class
 
     def table(self) -> list[tuple[str, str]]:
         value = "n/a" if self.value is None else f"{self.value:.4f}"
@@ -79,7 +81,7 @@ class TrainSummary:
                               f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"),
                 ("steps", str(self.steps)), ("train seconds", f"{self.train_seconds:.1f}"),
                 ("adapter", f"{self.adapter_dir} ({self.adapter_bytes:,} bytes)"),
-                ("loss curve", self.loss_curve or "n/a")]
+                ("loss curve", self.loss_curve or "n/a")] + [("WARNING", w) for w in self.warnings]
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -150,6 +152,8 @@ def prepare(config: TrainConfig) -> Prepared:
                           dtype=getattr(torch, config.model.dtype))
     check_max_length(config.data.max_length, model.config, config.model.name)
     train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
+    if hasattr(task, "init_head"):  # a new classifier head starts at the label prior of the training data
+        task.init_head(model, train_features)
     lora = config.lora
     heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
     if heads:
@@ -229,7 +233,8 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
         task=results_task(config), model=config.model.name, method=method, metric=prepared.task.metric,
         value=metric_value, trainable_params=prepared.report.trainable_params,
         total_params=prepared.report.total_params, steps=result.steps, train_seconds=result.seconds,
-        adapter_dir=str(adapter_dir), adapter_bytes=_dir_bytes(adapter_dir), loss_curve=str(curve) if curve else None)
+        adapter_dir=str(adapter_dir), adapter_bytes=_dir_bytes(adapter_dir), loss_curve=str(curve) if curve else None,
+        warnings=summary_warnings(result.history, result.best_step))
 
 
 def _claim_run_dir(out_dir: Path, force: bool) -> None:

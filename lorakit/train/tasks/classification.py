@@ -22,6 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.task import Batch, Features
+from lorakit.train.tasks.collapse import prediction_spread
 
 # Head names used by transformers' ...ForSequenceClassification classes (BERT/RoBERTa/DeBERTa, Llama/Qwen/GPT-2,
 # and DistilBERT's freshly initialised extra layer).
@@ -120,7 +121,8 @@ class SequenceClassification:
         return F.cross_entropy(self._logits(model, batch).float(), batch["labels"])
 
     def evaluate(self, model: nn.Module, features: list[Features], batch_size: int) -> dict[str, float]:
-        """accuracy, macro F1 (`macro_f1`) and mean cross-entropy (`loss`) over `features`."""
+        """accuracy, macro F1 (`macro_f1`), mean cross-entropy (`loss`) over `features`, and the number of distinct
+        labels predicted (`predicted_classes`; 1.0, one label for every example, also logs a warning)."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -138,7 +140,8 @@ class SequenceClassification:
         targets = [f["label"] for f in features]
         correct = sum(p == t for p, t in zip(predictions, targets, strict=True))
         return {"accuracy": correct / max(len(targets), 1), "macro_f1": macro_f1(predictions, targets),
-                "loss": total_loss / max(len(targets), 1)}
+                "loss": total_loss / max(len(targets), 1),
+                **prediction_spread(predictions, unit="example", names=self.labels)}
 
     def length(self, features: Features) -> int:
         return len(features["input_ids"])

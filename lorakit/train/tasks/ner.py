@@ -12,6 +12,7 @@ trained in full and saved with the adapter. The metric is entity-level F1 from `
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from lorakit.progress import progress
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.classification import _pad_id, classifier_head
+from lorakit.train.tasks.collapse import init_bias_to_prior, prediction_spread
 
 IGNORE = -100  # label of sub-tokens after a word's first, special tokens and padding (torch's ignore_index)
 OUTSIDE = "O"  # the tag of a word outside every entity; also what a word cut off by max_length is predicted
@@ -77,6 +79,17 @@ class TokenClassification:
         """Top-level classifier modules (`classifier` for BERT-likes, `score` for decoders); checks their size."""
         return classifier_head(model, self.labels, "token classification")
 
+    def init_head(self, model: nn.Module, features: list[Features]) -> None:
+        """Start a new head at the tag prior of `features` (the encoded training set): its bias becomes the log share
+        of each tag among the labelled sub-tokens. Without it, on sparse labels (a few % of words in an entity) the
+        adapter learns the prior by making every token's hidden state the same, and the model tags everything
+        `O`; see `lorakit.train.tasks.collapse`. A head whose bias is not all zero is left alone."""
+        if self.labels is None:
+            raise LorakitError("the task has no labels yet: encode the training records first, or pass labels=")
+        labels = self.labels
+        counts = Counter(label for feature in features for label in feature["labels"] if label != IGNORE)
+        init_bias_to_prior(model, self.head_modules(model), [counts[i] for i in range(len(labels))])
+
     def encode(self, records: list[dict[str, Any]]) -> list[Features]:
         """-> {"input_ids", ["token_type_ids"], "labels": tag index on each word's first sub-token, else -100,
         "tags": every word's tag index, "starts": each word's first sub-token position (-1 when cut off)}."""
@@ -123,7 +136,8 @@ class TokenClassification:
 
     def evaluate(self, model: nn.Module, features: list[Features], batch_size: int) -> dict[str, float]:
         """Entity-level precision, recall and f1 (micro over all entities), f1 per entity type (`f1_PER`, ...),
-        and the mean cross-entropy over labelled sub-tokens (`loss`); see `entity_scores`."""
+        the mean cross-entropy over labelled sub-tokens (`loss`), and the number of distinct tags predicted
+        (`predicted_classes`; 1.0, e.g. `O` for every word, also logs a warning); see `entity_scores`."""
         if self.labels is None:
             raise LorakitError("the task has no labels yet: encode the training records first, or pass labels=")
         labels = self.labels
@@ -147,7 +161,8 @@ class TokenClassification:
                         predicted.append([labels[row[s]] if s >= 0 else OUTSIDE for s in feature["starts"]])
         finally:
             model.train(was_training)
-        return {**entity_scores(gold, predicted), "loss": total_loss / max(count, 1)}
+        return {**entity_scores(gold, predicted), "loss": total_loss / max(count, 1),
+                **prediction_spread((tag for row in predicted for tag in row), unit="word")}
 
     def length(self, features: Features) -> int:
         return len(features["input_ids"])

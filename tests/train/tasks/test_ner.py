@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,8 +18,11 @@ from lorakit.errors import LorakitError
 from lorakit.train.config import load_train_config
 from lorakit.train.data import read_records
 from lorakit.train.evaluate import evaluate_from_config
+from lorakit.train.loop import build_optimizer
+from lorakit.train.metrics_log import read_metrics
 from lorakit.train.readers import read_conll
 from lorakit.train.run import prepare, train_from_config
+from lorakit.train.sections import TrainConfig
 from lorakit.train.tasks import make_task, task_from_state
 from lorakit.train.tasks.ner import IGNORE, TokenClassification, entity_scores
 
@@ -190,20 +194,25 @@ def test_state_rebuilds_the_same_task(minilm_tokenizer: PreTrainedTokenizerBase)
 
 # --- from a config ------------------------------------------------------------------------------------------------
 
-def test_ner_config_trains_and_the_reloaded_adapter_scores_the_same(tmp_path: Path, tiny_classifier_dir: Path
-                                                                     ) -> None:
-    (tmp_path / "train.txt").write_text((CONLL_TEXT + "\n\n") * 4)
-    (tmp_path / "dev.txt").write_text(CONLL_TEXT)
+def ner_config(tmp_path: Path, model_dir: Path, text: str = CONLL_TEXT, **optim: float) -> TrainConfig:
+    """A 3-step LoRA run of the tiny model on `text` (train: 4 copies; dev: 1)."""
+    (tmp_path / "train.txt").write_text((text + "\n\n") * 4)
+    (tmp_path / "dev.txt").write_text(text)
     config_path = tmp_path / "ner.yaml"
     config_path.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_classifier_dir)},
+        "model": {"name": str(model_dir)},
         "data": {"task": "ner", "format": "conll", "train": str(tmp_path / "train.txt"),
                  "eval": str(tmp_path / "dev.txt"), "max_length": 16},
         "lora": {"rank": 4, "alpha": 8, "targets": ["query", "value"]},
-        "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": 3},
+        "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": 3, **optim},
         "run": {"out_dir": str(tmp_path / "run"), "log_every": 1, "device": "cpu"},
     }))
-    config = load_train_config(config_path)
+    return load_train_config(config_path)
+
+
+def test_ner_config_trains_and_the_reloaded_adapter_scores_the_same(tmp_path: Path, tiny_classifier_dir: Path
+                                                                     ) -> None:
+    config = ner_config(tmp_path, tiny_classifier_dir)
     prepared = prepare(config)
     assert type(prepared.model).__name__ == "BertForTokenClassification"
     assert prepared.task.labels == ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-PER"]
@@ -213,6 +222,78 @@ def test_ner_config_trains_and_the_reloaded_adapter_scores_the_same(tmp_path: Pa
     assert summary.metric == "f1" and summary.value is not None
     evaluation = evaluate_from_config(config, adapter=summary.adapter_dir)
     assert evaluation.metrics["f1"] == pytest.approx(summary.value, abs=0)
+
+
+
+def test_new_head_starts_at_the_tag_prior_of_the_training_data(tmp_path: Path, tiny_classifier_dir: Path) -> None:
+    sparse = "EU B-ORG\nrejects O\nthe O\nplan O\n\nIt O\nrained O\n"  # 1 B-ORG in 6 words
+    prepared = prepare(ner_config(tmp_path, tiny_classifier_dir, sparse))
+    assert prepared.task.labels == ["O", "B-ORG"]
+    share = torch.tensor([4 * 5 + 1, 4 * 1 + 1]) / (4 * 6 + 2)  # add-one smoothed, over 4 copies
+    torch.testing.assert_close(prepared.model.classifier.bias.detach().softmax(-1), share)
+
+
+def test_head_bias_is_the_log_share_of_each_tag_among_labelled_sub_tokens(minilm_tokenizer: PreTrainedTokenizerBase
+                                                                          ) -> None:
+    task = TokenClassification(minilm_tokenizer, labels=TAGS)
+    features = task.encode([SENTENCE] * 3)  # per copy: 3 O, 1 B-LOC, 2 B-PER, and 0 I-LOC, I-PER
+    model = BertForTokenClassification(BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=16,
+                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                  intermediate_size=32, num_labels=len(TAGS)))
+    with torch.no_grad():
+        model.classifier.bias.zero_()
+    task.init_head(model, features)
+    expected = torch.tensor([10, 4, 1, 7, 1]) / 23  # add-one over 18 labelled sub-tokens and 5 tags
+    torch.testing.assert_close(model.classifier.bias.detach(), expected.log())
+
+
+def test_head_trains_at_optim_lr_not_at_the_lora_plus_rate_of_b(tmp_path: Path, tiny_classifier_dir: Path) -> None:
+    config = ner_config(tmp_path, tiny_classifier_dir, lr=1e-3, lora_plus_ratio=8.0)
+    prepared = prepare(config)
+    model, task = prepared.model, prepared.task
+    optimizer = build_optimizer(model, config.optim)
+    head = dict(model.classifier.named_parameters())
+    rates = {name: group["lr"] for group in optimizer.param_groups for name, p in head.items()
+             if any(p is q for q in group["params"])}
+    assert rates == {"weight": 1e-3, "bias": 1e-3}
+    before = {name: p.detach().clone() for name, p in head.items()}
+    task.loss(model, task.collate(prepared.train[:4])).backward()
+    optimizer.step()
+    for name, p in head.items():  # Adam's first step moves every coordinate with a gradient by lr
+        assert p.grad is not None
+        moved = (p.detach() - before[name]).abs()[p.grad.abs() > 1e-6]  # Adam's eps is 1e-8
+        assert moved.numel() > 0
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-3), rtol=1e-3, atol=0)
+
+
+def test_evaluation_tagging_every_word_o_reports_one_predicted_class(minilm_tokenizer: PreTrainedTokenizerBase,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    task = TokenClassification(minilm_tokenizer, labels=TAGS)
+    model = TagByToken(minilm_tokenizer.vocab_size, len(TAGS), {})  # label 0, "O", everywhere
+    with caplog.at_level(logging.WARNING):
+        metrics = task.evaluate(model, task.encode([SENTENCE]), batch_size=1)
+    assert metrics["predicted_classes"] == 1.0 and metrics["f1"] == 0.0
+    assert "'O' for every one of the 6 evaluated words" in caplog.text
+    harare = pieces(minilm_tokenizer, "Harare")[0]
+    tagged = TagByToken(minilm_tokenizer.vocab_size, len(TAGS), {harare: TAGS.index("B-LOC")})
+    assert task.evaluate(tagged, task.encode([SENTENCE]), batch_size=1)["predicted_classes"] == 2.0
+
+
+def test_a_run_predicting_one_tag_everywhere_says_so_in_metrics_and_summary(
+        tmp_path: Path, tiny_classifier_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = TokenClassification._logits
+
+    def always_o(self: TokenClassification, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = logits(self, model, batch)  # (B, T, C), still with a gradient for the adapter
+        return out + torch.tensor([100.0] + [0.0] * (out.shape[-1] - 1))
+
+    monkeypatch.setattr(TokenClassification, "_logits", always_o)
+    config = ner_config(tmp_path, tiny_classifier_dir)
+    summary = train_from_config(config)
+    (evaluation,) = [e for e in read_metrics(config.run.out_dir) if "eval_f1" in e]
+    assert evaluation["eval_predicted_classes"] == 1
+    (row,) = [value for key, value in summary.table() if key == "WARNING"]
+    assert "predicted one class for every example" in row and summary.as_json()["warnings"] == [row]
 
 
 # --- real data ----------------------------------------------------------------------------------------------------
