@@ -7,7 +7,8 @@
 Words are tokenised into sub-tokens; a word's tag is learnt and predicted on its first sub-token only (the
 others, and the special tokens, get label -100), as in BERT's CoNLL-2003 runs (Devlin et al. 2019, section 5.3).
 The model is any `...ForTokenClassification` with `num_labels == len(task.labels)`; its new classifier head is
-trained in full and saved with the adapter. The metric is entity-level F1 from `seqeval`.
+trained in full and saved with the adapter, its bias starting at the tag prior of the training data
+(`init_head`). The metric is entity-level F1 from `seqeval`.
 """
 
 from __future__ import annotations
