@@ -1,6 +1,7 @@
 """The command line: a table of subcommands, each parsing its flags and calling one library function.
 
-Known errors (bad input) print one line, `error: ...`, and exit with code 2.
+Known errors (bad input, argparse's included) print one line, `error: ...`, and exit with code 2; an unexpected
+exception prints one line and exits with code 1 (its traceback with -v). Heavy imports wait for the command.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lorakit.distributed import World
 from lorakit.errors import LorakitError
 
 
@@ -41,6 +41,7 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.distributed import World
     from lorakit.train.config import load_train_config
     from lorakit.train.results import check_results_file, record_result, train_record
     from lorakit.train.run import train_from_config
