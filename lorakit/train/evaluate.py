@@ -55,7 +55,7 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
 
     sampling = SamplingConfig(max_new_tokens=max(config.data.max_length // 2, 1), num_beams=num_beams)
     check_data_files(config.data)
-    loaded = load_for_inference(config.model.name if adapter is None or config.model.name else None, adapter)
+    loaded = load_for_inference(config.model.name, adapter)  # the config names the base; a misfit is one line
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.task_state is not None:
         task = task_from_state(tokenizer, loaded.task_state)
