@@ -73,8 +73,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
         record_result(evaluation.record(command, args.note), args.record)
-    for note in evaluation.notes:
-        print(f"warning: {note}", file=sys.stderr)
     print(_json(evaluation.metrics))
     return 0
 

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +33,6 @@ class Evaluation:
     data: str
     model: str
     method: str
-    notes: list[str] = field(default_factory=list)
 
     def record(self, command: str, note: str | None = None) -> dict[str, Any]:
         """The entry `lorakit eval --record` appends to the results file."""
