@@ -22,8 +22,9 @@ from lorakit.errors import LorakitError
 log = logging.getLogger(__name__)
 
 # What an interrupted write leaves beside its target: `.name.new-XXXX/` (half built), `.name.old-XXXX/previous`
-# (the previous version, moved aside for the swap) and `.name.XXXX.tmp` (a file being written).
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<kind>new|old)-[A-Za-z0-9_]+|[A-Za-z0-9_]+\.tmp)$")
+# (the previous version, moved aside for the swap) and `.name.XXXX.tmp` (a file being written). XXXX is
+# `_new_name`'s 8 hex digits, so a user's file never matches.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<kind>new|old)-[0-9a-f]{8}|[0-9a-f]{8}\.tmp)$")
 
 # Libraries written in Rust (safetensors, tokenizers) report I/O failures as their own exception types whose
 # message ends with the OS error, e.g. "I/O error: No space left on device (os error 28)".

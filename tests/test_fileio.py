@@ -181,12 +181,13 @@ def test_recovery_puts_back_the_version_a_killed_swap_moved_aside(tmp_path, old_
 
 def test_recovery_deletes_half_built_directories_and_temp_files_and_nothing_else(tmp_path, old_version):
     (tmp_path / ".out.new-1a2b3c4d").mkdir()
-    (tmp_path / ".out.old-zz_9x8y7").mkdir()  # the previous version already deleted, `out` in place
+    (tmp_path / ".out.old-5e6f7a8b").mkdir()  # the previous version already deleted, `out` in place
     (tmp_path / ".f.json.0badf00d.tmp").write_bytes(b"half")
     (tmp_path / ".hidden").write_bytes(b"mine")
     (tmp_path / "notes.new-1").write_bytes(b"mine")
+    (tmp_path / ".draft.new-notes").write_bytes(b"mine too")  # not a name lorakit makes
     assert recover_interrupted_writes(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "notes.new-1", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.new-notes", ".hidden", "notes.new-1", "out"]
     assert _tree(old_version) == {"a.bin": b"old a", "sub/b.bin": b"old b"}
 
 
