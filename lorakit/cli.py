@@ -138,6 +138,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from lorakit.allocation.allocate import allocate_from_config, check_budget_args
+    from lorakit.allocation.pattern_file import check_output_file, summary_rows, write_rank_pattern
+    from lorakit.train.config import load_train_config
+
+    check_budget_args(args.budget, args.like_rank)
+    config = load_train_config(args.config, args.overrides)
+    check_output_file(args.out, force=args.force, inputs=[args.config])  # before the model loads
+    allocation = allocate_from_config(config, budget=args.budget, like_rank=args.like_rank, probe=args.probe,
+                                      probe_batches=args.probe_batches, max_rank=args.max_rank)
+    flags = [f"--budget {args.budget}" if args.budget is not None else f"--like-rank {args.like_rank}",
+             f"--probe {args.probe}", f"--probe-batches {args.probe_batches}",
+             *([f"--max-rank {args.max_rank}"] if args.max_rank is not None else []), f"--out {args.out}"]
+    command = " ".join(["lorakit", "allocate", args.config, *args.overrides, *flags])
+    out = write_rank_pattern(args.out, allocation, command=command, force=args.force, inputs=[args.config])
+    _print_table([("module kind", "ranks")] + summary_rows(allocation.ranks))
+    print(f"budget {allocation.budget:,}, used {allocation.used:,} adapter parameters (uniform-equivalent rank "
+          f"{allocation.uniform_equivalent:.2f}); {args.probe} probe on {allocation.probe_batches} batches in "
+          f"{allocation.probe_seconds:.1f} s; written to {out}")
+    return 0
+
+
 def _json(value: Any) -> str:
     """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
     from lorakit.train.evaluate import finite_metrics
@@ -167,6 +189,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
     "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
+    "allocate": ("choose per-module ranks under a parameter budget from a probe of a training config's model and "
+                 "data; writes a rank_pattern file", cmd_allocate),
 }
 
 
@@ -230,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["demo"].add_argument("--out", default="runs/demo", help="where the adapter and merged model go")
     parsers["demo"].add_argument("--quiet", action="store_true", help="no progress bar")
     parsers["demo"].add_argument("--force", action="store_true", help="replace an earlier demo's files at --out")
+    parsers["allocate"].add_argument("config", help="a training YAML file (its model, data, lora.targets, batch size)")
+    parsers["allocate"].add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    budget = parsers["allocate"].add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=int, help="adapter parameters in all (LoRA factors A and B)")
+    budget.add_argument("--like-rank", type=int, metavar="R", help="the parameter count of uniform rank R on the "
+                        "same target modules")
+    parsers["allocate"].add_argument("--probe", choices=("activations", "gradients"), default="activations",
+                                     help="spectra of each module's inputs (EVA) or of the loss gradient of its "
+                                     "weight (LoRA-GA); default: activations")
+    parsers["allocate"].add_argument("--probe-batches", type=int, default=8, help="training batches to probe")
+    parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
+    parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")
+    parsers["allocate"].add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -262,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    # Unknown `--section.key=value` flags of train/eval are overrides, not argparse options.
+    # Unknown `--section.key=value` flags of train/eval/allocate are overrides, not argparse options.
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "eval") or any(not x.startswith("--") or "=" not in x for x in extra):
+        takes_overrides = args.command in ("train", "eval", "allocate")
+        if not takes_overrides or any(not x.startswith("--") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     if args.command == "merge" and not args.adapter:

@@ -31,7 +31,8 @@ Problem = tuple[str | None, str]  # (the dotted key it is about, for its locatio
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (optional) and apply `section.key=value` overrides (`section.key.entry=value` sets one
     entry of a mapping such as data.columns). Relative data paths of the YAML file that exist only beside it are
-    taken from there. Raises `ConfigError` listing every problem, each with its file and line or flag."""
+    taken from there. `lora.rank_pattern` may be the path of a YAML file holding the mapping (`lorakit allocate`
+    writes one). Raises `ConfigError` listing every problem, each with its file and line or flag."""
     raw: dict[str, Any] = {}
     where: dict[str, str] = {}
     problems: list[Problem] = []
@@ -45,6 +46,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         _resolve_data_paths(raw, Path(path).parent)
     for item in overrides or []:
         problems += _apply_override(raw, item, where)
+    problems += _read_rank_pattern_file(raw, Path(path).parent if path is not None else None, where)
     return build_train_config(raw, source=source, where=where, problems=problems)
 
 
@@ -132,6 +134,48 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
         probe = Path(_first_file(value)).expanduser()
         if not probe.is_absolute() and not probe.exists() and (base / probe).exists():
             data[key] = str(base / value)
+
+
+def _read_rank_pattern_file(raw: dict[str, Any], base: Path | None, where: dict[str, str]) -> list[Problem]:
+    """lora.rank_pattern given as a path: replaced by the YAML mapping of module names to ranks the file holds
+    (what `lorakit allocate` writes). A relative path set in the YAML config is looked up from the working
+    directory first, then from the config's directory `base` (as data paths are); a flag's from the working
+    directory only. A file that is missing, unreadable or not such a mapping is a problem naming the key."""
+    lora = raw.get("lora")
+    value = lora.get("rank_pattern") if isinstance(lora, dict) else None
+    if not isinstance(value, str) or not isinstance(lora, dict):
+        return []
+    key, file = "lora.rank_pattern", Path(value).expanduser()
+    if base is not None and not where.get(key, "").startswith("flag ") and not file.is_absolute() \
+            and not file.exists() and (base / file).exists():
+        file = base / file
+    del lora["rank_pattern"]  # on any problem below the default stands, so it is reported once
+    hint = "give a YAML file mapping module names to ranks (lorakit allocate writes one) or the mapping itself"
+    if not file.is_file():
+        return [(key, f"{key} file {value!r} {'is a directory' if file.is_dir() else 'does not exist'}; {hint}")]
+    loader: _ConfigLoader | None = None
+    try:
+        loader = _ConfigLoader(file.read_bytes().decode("utf-8-sig"))
+        data = loader.get_single_data()
+    except OSError as e:
+        return [(key, f"cannot read {key} file {value!r}: {e.strerror or e}")]
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        return [(key, f"{key} file {value!r} is not UTF-8 YAML ({getattr(e, 'problem', None) or e}); {hint}")]
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if not isinstance(data, dict):
+        kind = "nothing" if data is None else f"a YAML {type(data).__name__}"
+        return [(key, f"{key} file {value!r} holds {kind}, not a mapping of module names to ranks; {hint}")]
+    problems: list[Problem] = [(key, f"{key} file {value!r} line {second}: duplicate module {name} (first at line "
+                                     f"{first}); delete one") for name, first, second in loader.duplicates]
+    bad = [f"{k!r}: {v!r}" for k, v in data.items() if not isinstance(k, str) or type(v) is not int or v < 1]
+    if bad:
+        problems.append((key, f"{key} file {value!r}: ranks must be positive ints keyed by module names; bad "
+                              f"entries: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"))
+    if not problems:
+        lora["rank_pattern"] = data
+    return problems
 
 
 def _first_file(value: str) -> str:

@@ -1,0 +1,140 @@
+"""`lorakit allocate`: from a training config and a budget to per-module ranks, before any training.
+
+Build the model and data exactly as `lorakit train` would (`lorakit.train.run.prepare`, without the adapter),
+resolve the config's targets, run one probe on the first batches training would see, and allocate the budget
+with `lorakit.allocation.budget.allocate_ranks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.allocation.budget import allocate_ranks, minimum_budget, uniform_budget
+from lorakit.allocation.probes import PROBES, activation_spectra, gradient_spectra
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError, did_you_mean
+from lorakit.inject import fan_in_out, plan
+from lorakit.train.data import batch_indices
+from lorakit.train.run import _device, prepare
+from lorakit.train.sections import TrainConfig
+from lorakit.train.task import Batch, Features, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Allocation:
+    """Ranks chosen for a budget, and what they were chosen from."""
+
+    ranks: dict[str, int]  # full module name -> rank, in the model's order
+    costs: dict[str, int]  # full module name -> adapter parameters per rank (fan_in + fan_out)
+    budget: int
+    probe: str
+    probe_batches: int  # batches the probe ran on
+    probe_seconds: float
+    like_rank: int | None = None  # the uniform rank the budget was given as, if it was
+    spectra: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def used(self) -> int:
+        """Adapter parameters the ranks take (LoRA factors only): at most `budget`."""
+        return sum(rank * self.costs[name] for name, rank in self.ranks.items())
+
+    @property
+    def uniform_equivalent(self) -> float:
+        """The uniform rank with the same parameter count as `used`."""
+        return self.used / sum(self.costs.values())
+
+
+def check_budget_args(budget: int | None, like_rank: int | None) -> None:
+    """Exactly one of a budget in adapter parameters and a uniform rank to match, each a positive int; raises
+    LorakitError otherwise (before any model loads)."""
+    if (budget is None) == (like_rank is None):
+        raise LorakitError("give exactly one of a budget in adapter parameters or a uniform rank to match "
+                           f"(got budget={budget}, like_rank={like_rank})")
+    for what, value in (("the budget", budget), ("the uniform rank to match", like_rank)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise LorakitError(f"{what} must be a positive int, got {value!r}")
+
+
+def budget_for(costs: dict[str, int], *, budget: int | None, like_rank: int | None) -> int:
+    """The budget in adapter parameters: `budget`, or that of uniform rank `like_rank` on the modules of `costs`."""
+    check_budget_args(budget, like_rank)
+    return uniform_budget(costs, like_rank) if like_rank is not None else int(budget)  # type: ignore[arg-type]
+
+
+def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like_rank: int | None = None,
+                         probe: str = "activations", probe_batches: int = 8, min_rank: int = 1,
+                         max_rank: int | None = None) -> Allocation:
+    """Per-module ranks for the modules `config.lora` targets, under `budget` adapter parameters (or the count of
+    uniform rank `like_rank`), from `probe` ("activations" or "gradients") on the first `probe_batches` training
+    batches of `config.optim.batch_size` (the batches training starts with, by `config.run.seed`).
+
+    Raises LorakitError for a bad probe name or count, both or neither of budget and like_rank, or a budget below
+    rank `min_rank` on every target (naming the smallest budget), the last before any probe runs.
+    """
+    if probe not in PROBES:
+        raise LorakitError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}{did_you_mean(probe, PROBES)}")
+    if type(probe_batches) is not int or probe_batches < 1:
+        raise LorakitError(f"the number of probe batches must be a positive int, got {probe_batches!r}")
+    check_budget_args(budget, like_rank)
+    prepared = prepare(_without_adapter(config))
+    model, task = prepared.model, prepared.task
+    names = _targets(model, config.lora, task)
+    modules = dict(model.named_modules())
+    costs = {name: sum(fan_in_out(modules[name])) for name in names}
+    total = budget_for(costs, budget=budget, like_rank=like_rank)
+    need = minimum_budget(costs, min_rank)
+    if total < need:  # the same check allocate_ranks makes, before the probe's minutes rather than after
+        raise LorakitError(f"a budget of {total:,} adapter parameters is below rank {min_rank} on every module: the "
+                           f"{len(names)} modules config.lora targets need at least {need:,}; raise the budget to "
+                           f"{need:,} or more")
+    device = _device(config.run.device)
+    model.to(device)
+    batches = probe_batch_list(task, prepared.train, config, probe_batches, device)
+    started = time.perf_counter()
+    spectra = _PROBE_FUNCTIONS[probe](model, task.loss, batches, names)
+    seconds = time.perf_counter() - started
+    log.info("%s probe on %d batches: %.1f s", probe, len(batches), seconds)
+    ranks = allocate_ranks(spectra, costs, total, min_rank=min_rank, max_rank=max_rank)
+    return Allocation(ranks, costs, total, probe, len(batches), seconds, like_rank, spectra)
+
+
+_PROBE_FUNCTIONS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "activations": activation_spectra, "gradients": gradient_spectra}
+
+
+def _without_adapter(config: TrainConfig) -> TrainConfig:
+    """The config with nothing injected (the probe reads the base model and the new head as training starts)."""
+    run = dataclasses.replace(config.run, method="full", activation_checkpointing=False)
+    return dataclasses.replace(config, run=run)
+
+
+def _targets(model: nn.Module, lora: LoraConfig, task: Task) -> list[str]:
+    """The modules `inject` would adapt (the task's new head is saved in full, never adapted)."""
+    heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
+    if heads:
+        lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
+    return plan(model, lora).adapted
+
+
+def probe_batch_list(task: Task, features: list[Features], config: TrainConfig, count: int,
+                     device: torch.device) -> list[Batch]:
+    """The first `count` batches of training's first epoch (same seed, batch size and length grouping), collated
+    and on `device`; fewer when the training set is smaller."""
+    lengths = [task.length(f) for f in features]
+    order = batch_indices(lengths, config.optim.batch_size, seed=config.run.seed, epoch=0,
+                          group_by_length=config.run.group_by_length)
+    if not order:
+        raise LorakitError("the training set is empty: the probe needs at least one batch")
+    if len(order) < count:
+        log.warning("the training set holds %d batches, fewer than the %d asked for the probe", len(order), count)
+    return [{k: v.to(device) for k, v in task.collate([features[i] for i in indices]).items()}
+            for indices in order[:count]]

@@ -1,0 +1,74 @@
+"""`allocate_from_config` and `lorakit allocate` end to end on a tiny BERT classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import assert_close, write_config
+
+from lorakit.allocation.allocate import allocate_from_config, probe_batch_list
+from lorakit.allocation.budget import uniform_budget
+from lorakit.allocation.probes import activation_spectra
+from lorakit.cli import main
+from lorakit.train.config import load_train_config
+from lorakit.train.run import prepare
+
+LAYERS = range(2)
+TARGETS = [f"bert.encoder.layer.{i}.{m}" for i in LAYERS
+           for m in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "intermediate.dense", "output.dense")]
+
+
+@pytest.fixture
+def config_path(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    return write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run",
+                        lora={"targets": ["bert"]}, optim={"batch_size": 4})
+
+
+@pytest.mark.parametrize("probe", ["activations", "gradients"])
+def test_allocation_covers_every_target_within_the_uniform_budget(config_path, probe):
+    allocation = allocate_from_config(load_train_config(config_path), like_rank=3, probe=probe, probe_batches=3)
+    assert list(allocation.ranks) == TARGETS
+    assert allocation.costs[TARGETS[0]] == 32 + 32 and allocation.costs[TARGETS[4]] == 32 + 64
+    assert allocation.budget == uniform_budget(allocation.costs, 3)
+    assert allocation.used <= allocation.budget
+    assert all(1 <= r <= 32 for r in allocation.ranks.values())
+    assert allocation.probe_batches == 3
+    assert allocation.ranks != dict.fromkeys(TARGETS, 3)  # the probe moved rank between modules
+
+
+def test_the_probe_reads_the_first_training_batches_of_the_base_model(config_path):
+    config = load_train_config(config_path)
+    allocation = allocate_from_config(config, budget=10_000, probe="activations", probe_batches=2)
+    prepared = prepare(config)  # the training run's model: same seed, same head, adapter injected (B = 0)
+    batches = probe_batch_list(prepared.task, prepared.train, config, 2, torch.device("cpu"))
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4]
+    spectra = activation_spectra(prepared.model, prepared.task.loss, batches, TARGETS)
+    for name in TARGETS:
+        assert_close(allocation.spectra[name], spectra[name], "fp32 reordered")
+
+
+def test_allocate_command_writes_a_pattern_that_training_reads(config_path, tmp_path, capsys):
+    out = tmp_path / "alloc" / "rank_pattern.yaml"
+    assert main(["allocate", str(config_path), "--like-rank", "2", "--probe-batches", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bert.encoder.layer.*.attention.self.query" in printed and "uniform-equivalent rank" in printed
+    ranks = yaml.safe_load(out.read_text())
+    assert list(ranks) == TARGETS
+    assert f"# command: lorakit allocate {config_path} --like-rank 2 --probe activations --probe-batches 2 " \
+           f"--out {out}" in out.read_text()
+    assert load_train_config(config_path, [f"--lora.rank_pattern={out}"]).lora.rank_pattern == ranks
+
+
+def test_allocate_takes_config_overrides_and_replaces_its_file_with_force(config_path, tmp_path):
+    out = tmp_path / "p.yaml"
+    argv = ["allocate", str(config_path), "--lora.targets=[query]", "--budget", "400", "--probe-batches", "1",
+            "--max-rank", "5", "--out", str(out)]
+    assert main(argv) == 0
+    first = yaml.safe_load(out.read_text())
+    assert list(first) == [f"bert.encoder.layer.{i}.attention.self.query" for i in LAYERS]
+    assert sum(r * 64 for r in first.values()) <= 400
+    assert main(argv) == 2  # the file exists
+    assert main([*argv[:4], "2000", *argv[5:], "--force"]) == 0
+    assert yaml.safe_load(out.read_text()) == dict.fromkeys(first, 5)  # 2,000 buys more than --max-rank allows
