@@ -160,6 +160,20 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorakit.sweep.plan import plan_sweep
+    from lorakit.sweep.report import table_lines
+    from lorakit.sweep.run import run_sweep
+
+    plan = plan_sweep(args.config, args.overrides, out_dir=args.out)  # every point checked before any training
+    result = run_sweep(plan, force=args.force, record=args.record, note=args.note, progress=not args.quiet,
+                       echo=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(table_lines(plan.metric, result.rows)))
+    print(f"{len(result.trained)} trained, {len(result.skipped)} finished earlier; sweep.json, sweep.md and "
+          f"pareto.png in {plan.out_dir}")
+    return 0
+
+
 def _json(value: Any) -> str:
     """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
     from lorakit.train.evaluate import finite_metrics
@@ -191,6 +205,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
     "allocate": ("choose per-module ranks under a parameter budget from a probe of a training config's model and "
                  "data; writes a rank_pattern file", cmd_allocate),
+    "sweep": ("train the product of listed config values (--lora.rank=1,2,4), resumably; a results table and a "
+              "Pareto plot", cmd_sweep),
 }
 
 
@@ -267,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
     parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")
     parsers["allocate"].add_argument("--force", action="store_true", help="replace an existing --out file")
+    parsers["sweep"].add_argument("config", help="a training YAML file, as for train")
+    parsers["sweep"].add_argument("overrides", nargs="*", help="section.key=V1,V2,... values to sweep (a list-valued "
+                                  "key: [a,b],[a,b,c]); section.key=V with one value is fixed for every point")
+    parsers["sweep"].add_argument("--out", help="the sweep's directory (default: <run.out_dir of the config>/sweep)")
+    parsers["sweep"].add_argument("--force", action="store_true", help="replace another sweep's points and tables in "
+                                  "--out (the same sweep is always continued)")
+    parsers["sweep"].add_argument("--record", metavar="JSON", help="append each finished point to this results file")
+    parsers["sweep"].add_argument("--note", help="a remark stored with each recorded point")
+    parsers["sweep"].add_argument("--quiet", action="store_true", help="no training progress bars")
     return parser
 
 
@@ -299,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    # Unknown `--section.key=value` flags of train/eval/allocate are overrides, not argparse options.
+    # Unknown `--section.key=value` flags of train/eval/allocate/sweep are overrides, not argparse options.
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        takes_overrides = args.command in ("train", "eval", "allocate")
+        takes_overrides = args.command in ("train", "eval", "allocate", "sweep")
         if not takes_overrides or any(not x.startswith("--") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
