@@ -2,9 +2,10 @@
 
 A flag `--section.key=v1,v2,...` lists the values of one key, separated by commas outside brackets, braces and
 quotes; each value is read as `lorakit train --section.key=VALUE` reads it. A flag with one value is a fixed
-override that every point shares. A key whose values are lists or mappings (lora.targets, data.columns, ...)
-writes each point's value in brackets or braces: `--lora.targets=[query,value],[query,key,value]` is two points;
-`--lora.targets=query,value` is refused as ambiguous (one point with both, or two points?).
+override that every point shares. A key whose values are lists (lora.targets, data.labels, ...) writes each
+point's list in brackets: `--lora.targets=[query,value],[query,key,value]` is two points;
+`--lora.targets=query,value` is refused as ambiguous (one point with both, or two points?). A mapping is written
+in braces: `--data.columns={text: a},{text: b}`.
 
     axes, fixed = parse_grid(["--lora.rank=1,2,4", "--optim.lr=1e-3"])
     points = expand(axes)   # lora.rank=1, lora.rank=2, lora.rank=4
@@ -61,9 +62,9 @@ def parse_grid(overrides: list[str]) -> tuple[list[Axis], list[str]]:
     """Split sweep flags into axes (keys with several values) and fixed overrides (one value), in their order.
 
     Raises ConfigError listing every problem at once: a malformed flag, a key given twice or unknown, an empty
-    value list, an empty or repeated value, unbalanced brackets, a list or mapping key whose values are not each
-    in brackets or braces, brackets around the values of a key that takes one value, a key the sweep sets itself,
-    or no key with several values."""
+    value list, an empty or repeated value, unbalanced brackets, a list key whose values are not each
+    in brackets, brackets around the values of a key that takes one value, a key the sweep sets itself, or no key
+    with several values."""
     axes: list[Axis] = []
     fixed: list[str] = []
     problems: list[str] = []
@@ -159,13 +160,12 @@ def _values_problem(key: str, text: str, values: list[str], hint: Any) -> str | 
     if opener is None and values[0].startswith("[") and len(values) == 1:
         return (f"{key} takes one value per point, not a list; write the values to sweep without brackets, "
                 f"e.g. --{key}={values[0][1:-1]}")
-    if opener is not None and len(values) > 1:
-        bare = [v for v in values if not v.startswith(opener) and v not in ("null", "~")]
+    # `a,b` of a list key could be one list or two points; a mapping's commas are always inside its braces.
+    if opener == "[" and len(values) > 1:
+        bare = [v for v in values if not v.startswith("[") and v not in ("null", "~")]
         if bare:
-            kind, example = ("a list", "[query,value],[query,key,value]") if opener == "[" else (
-                "a mapping", "{a: 1},{a: 2}")
-            return (f"ambiguous: {key} takes {kind}, so write each point's value in "
-                    f"{'brackets' if opener == '[' else 'braces'} ({bare[0]!r} is not), e.g. --{key}={example}")
+            return (f"ambiguous: {key} takes a list, so write each point's list in brackets ({bare[0]!r} is not), "
+                    f"e.g. --{key}=[query,value],[query,key,value] for two points")
     parsed = [_parsed(v) for v in values]
     for i, value in enumerate(parsed):
         if value in parsed[:i]:

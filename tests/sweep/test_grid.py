@@ -79,3 +79,8 @@ def test_directory_names_read_like_the_point_and_keep_list_items() -> None:
 def test_an_overlong_directory_name_is_cut_and_stays_distinct() -> None:
     a, b = (GridPoint((("data.train", "d" * 200 + end),)) for end in ("1", "2"))
     assert len(dir_name(a)) <= 120 and dir_name(a) != dir_name(b)
+
+
+def test_a_mapping_key_takes_braced_mappings_or_bare_values_such_as_files() -> None:
+    axes, _ = parse_grid(["--data.columns={text: a, label: b},{text: c}", "--lora.rank_pattern=a.yaml,b.yaml"])
+    assert [a.values for a in axes] == [("{text: a, label: b}", "{text: c}"), ("a.yaml", "b.yaml")]
