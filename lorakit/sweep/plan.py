@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -51,10 +52,27 @@ class SweepPlan:
 
     def identity(self) -> dict[str, Any]:
         """What makes two sweeps the same one: the config file, the grid, the fixed flags and a fingerprint of
-        every point's whole config (so an edited YAML file counts as another sweep)."""
-        configs = json.dumps([p.config.to_dict() for p in self.points], sort_keys=True, default=str)
-        return {"config": self.config_path, "grid": {a.key: list(a.values) for a in self.axes},
-                "fixed": self.fixed, "fingerprint": hashlib.sha256(configs.encode()).hexdigest()}
+        every point's whole config (so an edited YAML file counts as another sweep). Paths count by the files
+        they name, so the same sweep started from another working directory is still the same."""
+        configs = [comparable_config(p.config.to_dict()) for p in self.points]
+        return {"config": os.path.realpath(self.config_path), "grid": {a.key: list(a.values) for a in self.axes},
+                "fixed": self.fixed, "fingerprint": fingerprint(configs)}
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A point's config (`TrainConfig.to_dict()`, or a run's config.json) as compared between runs: without
+    run.out_dir (the sweep chooses it) and with data files as resolved paths."""
+    out = json.loads(json.dumps(config, default=str))
+    out.get("run", {}).pop("out_dir", None)
+    data = out.get("data", {})
+    for key in ("train", "eval"):
+        if isinstance(data.get(key), str) and os.path.exists(data[key]):
+            data[key] = os.path.realpath(data[key])
+    return out  # type: ignore[no-any-return]
+
+
+def fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def plan_sweep(config_path: str | Path, overrides: list[str], out_dir: str | Path | None = None) -> SweepPlan:

@@ -4,7 +4,6 @@ tools (`sweep.json`), for people (`sweep.md`) and its Pareto plot (`pareto.png`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -13,7 +12,7 @@ from typing import Any
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes
 from lorakit.sweep.pareto import PlotPoint, pareto_front, plot_pareto
-from lorakit.sweep.plan import SweepPlan, SweepPoint
+from lorakit.sweep.plan import SweepPlan, SweepPoint, comparable_config, fingerprint
 
 log = logging.getLogger(__name__)
 POINT_FILE = "sweep-point.json"
@@ -54,8 +53,7 @@ def read_point_result(point: SweepPoint) -> dict[str, Any] | None:
 
 def config_fingerprint(point: SweepPoint) -> str:
     """A hash of the point's whole config: a result or checkpoint counts only for the config that wrote it."""
-    text = json.dumps(point.config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return fingerprint(comparable_config(point.config.to_dict()))
 
 
 def point_rows(plan: SweepPlan, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir, output_kind
-from lorakit.sweep.plan import SweepPlan, SweepPoint
+from lorakit.sweep.plan import SweepPlan, SweepPoint, comparable_config
 from lorakit.sweep.report import PLOT, TABLE_JSON, TABLE_MD, read_point_result, write_outputs, write_point_result
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.results import check_results_file, record_result, train_record
@@ -91,7 +91,7 @@ def _interrupted(point: SweepPoint) -> bool:
         saved = json.loads((point.run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(saved == json.loads(json.dumps(point.config.to_dict(), default=str)))
+    return isinstance(saved, dict) and comparable_config(saved) == comparable_config(point.config.to_dict())
 
 
 def _claim(plan: SweepPlan, force: bool) -> None:

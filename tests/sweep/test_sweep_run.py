@@ -77,6 +77,16 @@ def test_a_rerun_of_the_same_sweep_skips_the_finished_points(config: Path, monke
     assert lines[0].startswith("[1/2] lora.rank=1: finished earlier, skipped")
 
 
+def test_the_same_sweep_spelled_from_another_directory_continues(config: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _use(monkeypatch, CountingTrainer())
+    run_sweep(plan_sweep(config, ["--lora.rank=1,2"]))
+    trainer = _use(monkeypatch, CountingTrainer())
+    monkeypatch.chdir(tmp_path)
+    again = run_sweep(plan_sweep("c.yaml", ["--lora.rank=1,2"], out_dir="run/sweep"))
+    assert trainer.calls == [] and len(again.skipped) == 2
+
+
 def test_progress_names_the_point_its_command_and_its_place(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _use(monkeypatch, CountingTrainer())
     lines: list[str] = []
