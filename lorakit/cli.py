@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget", type=int, help="adapter parameters in all (LoRA factors A and B)")
     budget.add_argument("--like-rank", type=int, metavar="R", help="the parameter count of uniform rank R on the "
                         "same target modules")
-    parsers["allocate"].add_argument("--probe", choices=("activations", "gradients"), default="activations",
-                                     help="spectra of each module's inputs (EVA) or of the loss gradient of its "
-                                     "weight (LoRA-GA); default: activations")
+    parsers["allocate"].add_argument("--probe", choices=("gradients", "activations"), default="gradients",
+                                     help="spectra of the loss gradient of each module's weight (LoRA-GA) or of its "
+                                     "inputs (EVA); default: gradients (docs/allocation.md says why)")
     parsers["allocate"].add_argument("--probe-batches", type=int, default=8, help="training batches to probe")
     parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
     parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")

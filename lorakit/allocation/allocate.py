@@ -71,10 +71,10 @@ def budget_for(costs: dict[str, int], *, budget: int | None, like_rank: int | No
 
 
 def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like_rank: int | None = None,
-                         probe: str = "activations", probe_batches: int = 8, min_rank: int = 1,
+                         probe: str = "gradients", probe_batches: int = 8, min_rank: int = 1,
                          max_rank: int | None = None) -> Allocation:
     """Per-module ranks for the modules `config.lora` targets, under `budget` adapter parameters (or the count of
-    uniform rank `like_rank`), from `probe` ("activations" or "gradients") on the first `probe_batches` training
+    uniform rank `like_rank`), from `probe` ("gradients" or "activations") on the first `probe_batches` training
     batches of `config.optim.batch_size` (the batches training starts with, by `config.run.seed`).
 
     Raises LorakitError for a bad probe name or count, both or neither of budget and like_rank, or a budget below
@@ -85,9 +85,9 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
     if type(probe_batches) is not int or probe_batches < 1:
         raise LorakitError(f"the number of probe batches must be a positive int, got {probe_batches!r}")
     check_budget_args(budget, like_rank)
-    prepared = prepare(_without_adapter(config))
+    prepared = prepare(without_adapter(config))
     model, task = prepared.model, prepared.task
-    names = _targets(model, config.lora, task)
+    names = target_names(model, config.lora, task)
     modules = dict(model.named_modules())
     costs = {name: sum(fan_in_out(modules[name])) for name in names}
     total = budget_for(costs, budget=budget, like_rank=like_rank)
@@ -111,13 +111,13 @@ _PROBE_FUNCTIONS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "activations": activation_spectra, "gradients": gradient_spectra}
 
 
-def _without_adapter(config: TrainConfig) -> TrainConfig:
+def without_adapter(config: TrainConfig) -> TrainConfig:
     """The config with nothing injected (the probe reads the base model and the new head as training starts)."""
     run = dataclasses.replace(config.run, method="full", activation_checkpointing=False)
     return dataclasses.replace(config, run=run)
 
 
-def _targets(model: nn.Module, lora: LoraConfig, task: Task) -> list[str]:
+def target_names(model: nn.Module, lora: LoraConfig, task: Task) -> list[str]:
     """The modules `inject` would adapt (the task's new head is saved in full, never adapted)."""
     heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
     if heads:

@@ -56,7 +56,7 @@ def test_allocate_command_writes_a_pattern_that_training_reads(config_path, tmp_
     assert "bert.encoder.layer.*.attention.self.query" in printed and "uniform-equivalent rank" in printed
     ranks = yaml.safe_load(out.read_text())
     assert list(ranks) == TARGETS
-    assert f"# command: lorakit allocate {config_path} --like-rank 2 --probe activations --probe-batches 2 " \
+    assert f"# command: lorakit allocate {config_path} --like-rank 2 --probe gradients --probe-batches 2 " \
            f"--out {out}" in out.read_text()
     assert load_train_config(config_path, [f"--lora.rank_pattern={out}"]).lora.rank_pattern == ranks
 
