@@ -174,6 +174,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from lorakit.analysis import run_analysis
+
+    analysis, report = run_analysis(args.adapter, against=args.against, model=args.model, base=not args.no_base,
+                                    out_dir=args.out, force=args.force)
+    summary = analysis.summary() | {"report": str(report) if report else None}
+    if args.json:
+        print(_json(summary))
+    else:
+        _print_table([(k, f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+                      if v is not None])
+        if report is None:
+            print("(pass --out DIR for the report: analysis.json, figures and report.md)")
+    return 0
+
+
 def _json(value: Any) -> str:
     """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
     from lorakit.train.evaluate import finite_metrics
@@ -203,6 +219,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
     "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
+    "analyze": ("what an adapter's update ΔW learned: spectra, ranks, ΔW against W, subspace similarity, tokens",
+                cmd_analyze),
     "allocate": ("choose per-module ranks under a parameter budget from a probe of a training config's model and "
                  "data; writes a rank_pattern file", cmd_allocate),
     "sweep": ("train the product of listed config values (--lora.rank=1,2,4), resumably; a results table and a "
@@ -292,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["sweep"].add_argument("--record", metavar="JSON", help="append each finished point to this results file")
     parsers["sweep"].add_argument("--note", help="a remark stored with each recorded point")
     parsers["sweep"].add_argument("--quiet", action="store_true", help="no training progress bars")
+    parsers["analyze"].add_argument("adapter", help="an adapter directory (lorakit's or PEFT's)")
+    parsers["analyze"].add_argument("--against", metavar="ADAPTER", help="a second adapter on the same base: adds "
+                                    "the subspace similarity φ of the two (LoRA paper §7.2)")
+    parsers["analyze"].add_argument("--model", help="the base model (default: the one the adapter records)")
+    parsers["analyze"].add_argument("--no-base", action="store_true", help="do not load the base: the factors' "
+                                    "spectra only, no ΔW against W and no token projection")
+    parsers["analyze"].add_argument("--out", help="write analysis.json, PNG figures and report.md to this directory "
+                                    "(new or empty); without it only the summary is printed")
+    parsers["analyze"].add_argument("--force", action="store_true", help="replace an earlier analysis at --out")
+    parsers["analyze"].add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 
 

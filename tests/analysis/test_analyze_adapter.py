@@ -1,0 +1,95 @@
+"""`analyze_adapter` end to end on a tiny causal LM: every module's spectrum against the dense SVD of its ΔW, the
+§7.3 numbers, tokens from the last layers, φ of a pair, and the notes for what was skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import approx, assert_close
+from tiny_adapters import adapter, tiny_causal_lm_dir
+
+from lorakit import LorakitError
+from lorakit.analysis import analyze_adapter, read_factors
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tiny_causal_lm_dir(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def test_every_module_has_the_spectrum_of_its_dense_update(tmp_path, base_dir):
+    path = adapter(tmp_path / "a", str(base_dir))
+    analysis = analyze_adapter(path)
+    factors = read_factors(path)
+    assert len(analysis.modules) == 14 and analysis.base == str(base_dir)
+    for module in analysis.modules:
+        left, right = factors.modules[module.name].update()
+        dense = torch.linalg.svdvals(left @ right)[:4]
+        assert_close(torch.tensor(module.singular_values, dtype=torch.float64), dense, "float64 reordered")
+        assert module.rank == 4 and 1.0 <= module.stable_rank <= module.effective_rank <= 4.0
+
+
+def test_the_base_gives_amplification_for_every_module_and_tokens_for_the_last_layer(tmp_path, base_dir):
+    analysis = analyze_adapter(adapter(tmp_path / "a", str(base_dir)))
+    from lorakit.models import load_model
+
+    weights = dict(load_model(str(base_dir))[0].named_modules())
+    for module in analysis.modules:
+        amp = module.amplification
+        assert amp is not None and amp.factor is not None
+        assert amp.weight_norm == approx(float(weights[module.name].weight.detach().double().norm()))
+        assert amp.delta_norm == approx(float(torch.tensor(module.singular_values, dtype=torch.float64).norm()))
+    assert analysis.tokens is not None
+    assert {(t.layer, t.module.rsplit(".", 1)[-1]) for t in analysis.tokens} == {
+        (0, "o_proj"), (0, "down_proj"), (1, "o_proj"), (1, "down_proj")}  # the last two layers: both, here
+    assert all(len(t.plus) == 8 and t.plus[0].startswith("w") for t in analysis.tokens)
+
+
+def test_an_adapter_against_itself_has_phi_one_and_another_seed_less(tmp_path, base_dir):
+    first = adapter(tmp_path / "a", str(base_dir), seed=0)
+    other = adapter(tmp_path / "b", str(base_dir), seed=1, rank=2, targets=["q_proj", "v_proj"])
+    same = analyze_adapter(first, against=first, base=False)
+    assert len(same.similarity) == 14
+    for s in same.similarity:
+        for grid in (s.phi_a, s.phi_input, s.phi_output):
+            diagonal = torch.tensor(grid, dtype=torch.float64).diagonal()
+            assert_close(diagonal, torch.ones(4, dtype=torch.float64), "float64 reordered")
+    pair = analyze_adapter(first, against=other, base=False)
+    assert len(pair.similarity) == 4 and all(s.ranks == (4, 2) for s in pair.similarity)
+    assert all(len(s.phi_a) == 4 and len(s.phi_a[0]) == 2 for s in pair.similarity)
+    assert max(s.phi_a[0][0] for s in pair.similarity) < 0.9  # independent random A factors
+    assert pair.summary()["compared_modules"] == 4
+
+
+def test_without_the_base_the_factors_alone_are_analysed_and_the_skip_is_noted(tmp_path):
+    analysis = analyze_adapter(adapter(tmp_path / "a", "nowhere/not-a-model"), base=False)
+    assert all(m.amplification is None for m in analysis.modules) and analysis.tokens is None
+    assert any("no base model loaded" in n for n in analysis.notes)
+    assert analysis.summary()["median_amplification"] is None
+
+
+def test_a_principal_adapter_without_its_init_file_is_measured_from_recomputed_factors(tmp_path, base_dir):
+    from lorakit.io import PRINCIPAL_NAME
+
+    path = adapter(tmp_path / "a", str(base_dir), init="principal", targets=["q_proj"])
+    with_file = analyze_adapter(path)
+    (path / PRINCIPAL_NAME).unlink()
+    with pytest.raises(LorakitError, match="needs the base's W"):
+        analyze_adapter(path, base=False)
+    recomputed = analyze_adapter(path)
+    assert any("recomputed from W" in n for n in recomputed.notes)
+    for a, b in zip(with_file.modules, recomputed.modules, strict=True):
+        assert a.rank == b.rank == 8  # [B, -B₀]
+        assert_close(torch.tensor(b.singular_values), torch.tensor(a.singular_values), "fp32 SVD vs float64 SVD")
+
+
+def test_the_json_holds_every_module_and_is_strict(tmp_path, base_dir):
+    analysis = analyze_adapter(adapter(tmp_path / "a", str(base_dir)))
+    data = json.loads(json.dumps(analysis.as_json(), allow_nan=False))
+    assert len(data["modules"]) == 14 and data["summary"]["modules"] == 14
+    first = data["modules"][0]
+    assert set(first) >= {"name", "kind", "layer", "singular_values", "stable_rank", "effective_rank", "energy",
+                          "amplification"}
+    assert first["energy"][-1] == approx(1.0)
