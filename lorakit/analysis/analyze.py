@@ -87,7 +87,11 @@ class Analysis:
         if self.against is not None:
             out |= {"against": self.against, "compared_modules": len(self.similarity),
                     "mean_phi_a_top1": _mean([s.phi_a[0][0] for s in self.similarity]),
-                    "mean_phi_a_full": _mean([_phi_full(s.phi_a) for s in self.similarity])}
+                    "mean_phi_a_full": _mean([_phi_full(s.phi_a) for s in self.similarity]),
+                    # E φ(i, j) = max(i, j) / d for random subspaces of R^d (`subspace`): 1/d and k/d here
+                    "random_phi_a_top1": _mean([1 / s.dims[0] for s in self.similarity]),
+                    "random_phi_a_full": _mean([min(len(s.phi_a), len(s.phi_a[0])) / s.dims[0]
+                                                for s in self.similarity])}
         return out
 
     def as_json(self) -> dict[str, Any]:

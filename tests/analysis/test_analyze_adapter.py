@@ -60,7 +60,9 @@ def test_an_adapter_against_itself_has_phi_one_and_another_seed_less(tmp_path, b
     assert len(pair.similarity) == 4 and all(s.ranks == (4, 2) for s in pair.similarity)
     assert all(len(s.phi_a) == 4 and len(s.phi_a[0]) == 2 for s in pair.similarity)
     assert max(s.phi_a[0][0] for s in pair.similarity) < 0.9  # independent random A factors
-    assert pair.summary()["compared_modules"] == 4
+    summary = pair.summary()
+    assert summary["compared_modules"] == 4
+    assert summary["random_phi_a_top1"] == approx(1 / 32) and summary["random_phi_a_full"] == approx(2 / 32)
 
 
 def test_without_the_base_the_factors_alone_are_analysed_and_the_skip_is_noted(tmp_path):
