@@ -91,6 +91,12 @@ class Analysis:
                     # E φ(i, j) = max(i, j) / d for random subspaces of R^d (`subspace`): 1/d and k/d here
                     "random_phi_a_top1": _mean([1 / s.dims[0] for s in self.similarity]),
                     "random_phi_a_full": _mean([min(len(s.phi_a), len(s.phi_a[0])) / s.dims[0]
+                                                for s in self.similarity]),
+                    # the same on ΔW's output directions U, where a short run's learning shows (plots._PHI_FIELDS)
+                    "mean_phi_u_top1": _mean([s.phi_output[0][0] for s in self.similarity]),
+                    "mean_phi_u_full": _mean([_phi_full(s.phi_output) for s in self.similarity]),
+                    "random_phi_u_top1": _mean([1 / s.dims[1] for s in self.similarity]),
+                    "random_phi_u_full": _mean([min(len(s.phi_output), len(s.phi_output[0])) / s.dims[1]
                                                 for s in self.similarity])}
         return out
 
@@ -202,7 +208,7 @@ def _lora(factors: AdapterFactors) -> dict[str, Any]:
 
 
 def _phi_full(grid: list[list[float]]) -> float:
-    """φ(k, k) at k = the smaller rank: how much of the smaller subspace lies in the larger one."""
+    """φ(k, k) at k = the smaller rank: the overlap of the two top-k subspaces (random: k / d)."""
     k = min(len(grid), len(grid[0]))
     return grid[k - 1][k - 1]
 

@@ -112,42 +112,58 @@ def amplification_png(analysis: Analysis) -> bytes | None:
     return _png(fig)
 
 
+# §7.2's φ on the A factors (the paper's choice) and on ΔW's output directions U. With B starting at zero and A at
+# random, a short run (or LoRA+, which trains B faster) leaves A close to its draw: then the learned subspace shows
+# in U, not in A.
+_PHI_FIELDS = {"phi_a": ("A", 0), "phi_output": ("ΔW's U", 1)}  # field -> (label, index of its space in dims)
+
+
 def similarity_png(analysis: Analysis) -> bytes | None:
-    """φ of the A factors (§7.2) at (1, 1) and at the smaller rank, module kind x layer."""
+    """φ at (1, 1) and at the smaller rank, of the A factors and of ΔW's U, module kind x layer (§7.2)."""
     items = [s for s in analysis.similarity if s.layer is not None]
     if not items:
         return None
-    d = max(s.dims[0] for s in items)
     k = min(min(len(s.phi_a), len(s.phi_a[0])) for s in items)
-    fig = Figure(figsize=(9, 6), dpi=_DPI)
+    fig = Figure(figsize=(9, 11), dpi=_DPI)
     fig.subplots_adjust(**_HEATMAPS)
-    _heatmap(fig, 1, 2, items, lambda s: s.phi_a[0][0], f"φ(A₁, A₂, 1, 1): top directions (random: 1/{d})", 0, 1)
-    _heatmap(fig, 2, 2, items, lambda s: s.phi_a[k - 1][k - 1],
-             f"φ(A₁, A₂, {k}, {k}): top-{k} subspaces (random: {k}/{d})", 0, 1)
+    position = 0
+    for field, (label, space) in _PHI_FIELDS.items():
+        dims = "/".join(str(d) for d in sorted({s.dims[space] for s in items}))
+        for i in (1, k):
+            position += 1
+            _heatmap(fig, position, 4, items, lambda s, f=field, i=i: getattr(s, f)[i - 1][i - 1],
+                     f"φ({label}₁, {label}₂, {i}, {i}) (random: {i}/d, d = {dims})", 0, 1)
     return _png(fig)
 
 
 def similarity_grid_png(analysis: Analysis) -> bytes | None:
-    """φ(i, j) of the A factors averaged over layers, one panel per module kind (the paper's Figure 3)."""
+    """φ(i, j) averaged over layers, one panel per module kind, for the A factors (top row of each pair) and for
+    ΔW's U (the paper's Figure 3)."""
     if not analysis.similarity:
         return None
     kinds = sorted({s.kind for s in analysis.similarity})
-    cols = min(4, len(kinds))
-    rows = math.ceil(len(kinds) / cols)
-    fig = Figure(figsize=(3.2 * cols + 1, 3 * rows), dpi=_DPI)
-    fig.subplots_adjust(left=0.08, right=0.85, top=0.9, bottom=0.12, wspace=0.4, hspace=0.5)
+    cols = len(kinds)
+    fig = Figure(figsize=(2.4 * cols + 1.2, 5.4), dpi=_DPI)
+    fig.subplots_adjust(left=0.06, right=0.9, top=0.9, bottom=0.1, wspace=0.35, hspace=0.55)
     axes, image = [], None
-    for n, kind in enumerate(kinds, 1):
-        group: list[ModuleSimilarity] = [s for s in analysis.similarity if s.kind == kind]
-        rows_i, cols_j = min(len(s.phi_a) for s in group), min(len(s.phi_a[0]) for s in group)
-        mean = np.mean([np.asarray(s.phi_a)[:rows_i, :cols_j] for s in group], axis=0)
-        ax = fig.add_subplot(rows, cols, n)
-        image = ax.imshow(mean, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis",
-                          extent=(0.5, cols_j + 0.5, rows_i + 0.5, 0.5))
-        ax.set(xlabel="j (other adapter)", ylabel="i (this adapter)", title=f"{kind} (mean over layers)")
-        axes.append(ax)
+    for row, (field, (label, _)) in enumerate(_PHI_FIELDS.items()):
+        for n, kind in enumerate(kinds, 1):
+            group: list[ModuleSimilarity] = [s for s in analysis.similarity if s.kind == kind]
+            grids = [np.asarray(getattr(s, field)) for s in group]
+            rows_i, cols_j = min(g.shape[0] for g in grids), min(g.shape[1] for g in grids)
+            mean = np.mean([g[:rows_i, :cols_j] for g in grids], axis=0)
+            ax = fig.add_subplot(2, cols, row * cols + n)
+            image = ax.imshow(mean, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis",
+                              extent=(0.5, cols_j + 0.5, rows_i + 0.5, 0.5))
+            ax.set_title(f"{'.'.join(kind.split('.')[-2:])}\nφ on {label}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if n == 1:
+                ax.set_ylabel("i (this adapter)", fontsize=8)
+            ax.set_xlabel("j (other)", fontsize=8)
+            axes.append(ax)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="φ(A₁, A₂, i, j)")
+        fig.colorbar(image, ax=axes, label="φ(i, j), mean over layers")
+    fig.suptitle("subspace similarity (Hu et al. 2021, §7.2); module kinds in the panel titles", fontsize=10)
     return _png(fig)
 
 

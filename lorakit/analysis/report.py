@@ -96,18 +96,25 @@ def _similarity_section(analysis: Analysis, images: list[str]) -> list[str]:
         return []
     lines = ["", f"## Subspace similarity with `{analysis.against}` (§7.2)", "",
              "φ(i, j) = ‖U₁ᵢᵀU₂ⱼ‖_F² / min(i, j) between the top-i and top-j right-singular vectors of the two A "
-             "factors: 1 when one subspace contains the other, max(i, j)/d on average for random subspaces of "
-             "R^d. The same grids on ΔW's own input (V) and output (U) directions are in the JSON.", "",
-             "| module kind | modules | ranks | φ(1, 1) | φ(k, k), k = smaller rank | random φ(k, k) |",
-             "|---|---|---|---|---|---|"]
+             "factors (the paper's choice), and between the top output directions U of the two ΔW: 1 when one "
+             "subspace contains the other, max(i, j)/d on average for random subspaces of R^d. A starts random and "
+             "B at zero, so after a short run (or with LoRA+, where B learns faster) A stays close to its random draw "
+             "and what was learned shows in U. The grids on ΔW's input directions V are in the JSON.", "",
+             "| module kind | modules | ranks | φ_A(1, 1) | φ_A(k, k) | φ_U(1, 1) | φ_U(k, k) | random φ(1, 1) A / U | "
+             "random φ(k, k) A / U |",
+             "|---|---|---|---|---|---|---|---|---|"]
     kinds: dict[str, list] = {}
     for s in analysis.similarity:
         kinds.setdefault(s.kind, []).append(s)
     for kind, group in sorted(kinds.items()):
         k = min(min(len(s.phi_a), len(s.phi_a[0])) for s in group)
+        d_in, d_out = group[0].dims
         lines.append(f"| `{kind}` | {len(group)} | {group[0].ranks[0]} vs {group[0].ranks[1]} | "
                      f"{_mean(s.phi_a[0][0] for s in group):.3f} | {_mean(s.phi_a[k - 1][k - 1] for s in group):.3f} "
-                     f"| {k / group[0].dims[0]:.3f} |")
+                     f"| {_mean(s.phi_output[0][0] for s in group):.3f} | "
+                     f"{_mean(s.phi_output[k - 1][k - 1] for s in group):.3f} | {1 / d_in:.4f} / {1 / d_out:.4f} | "
+                     f"{k / d_in:.3f} / {k / d_out:.3f} |")
+    lines += ["", "k is the smaller rank of the two adapters."]
     return lines + [""] + [f"![{n}]({n})" for n in ("similarity.png", "similarity_grid.png") if n in images]
 
 

@@ -95,3 +95,18 @@ def test_the_json_holds_every_module_and_is_strict(tmp_path, base_dir):
     assert set(first) >= {"name", "kind", "layer", "singular_values", "stable_rank", "effective_rank", "energy",
                           "amplification"}
     assert first["energy"][-1] == approx(1.0)
+
+
+def test_the_summary_phi_of_output_directions_equals_the_dense_svds_of_the_two_updates(tmp_path, base_dir):
+    first = adapter(tmp_path / "a", str(base_dir), seed=0)
+    other = adapter(tmp_path / "b", str(base_dir), seed=1, rank=2)
+    summary = analyze_adapter(first, against=other, base=False).summary()
+    one, two = read_factors(first), read_factors(other)
+    top1, top2 = [], []
+    for name in one.modules:
+        u1 = torch.linalg.svd(torch.mm(*one.modules[name].update()))[0]
+        u2 = torch.linalg.svd(torch.mm(*two.modules[name].update()))[0]
+        top1.append(float(u1[:, 0] @ u2[:, 0]) ** 2)  # φ(1, 1) = cos² of the top output directions
+        top2.append(float(torch.linalg.matrix_norm(u1[:, :2].T @ u2[:, :2])) ** 2 / 2)  # φ(2, 2), k = 2
+    assert summary["mean_phi_u_top1"] == approx(sum(top1) / len(top1))
+    assert summary["mean_phi_u_full"] == approx(sum(top2) / len(top2))
