@@ -131,9 +131,14 @@ def similarity_png(analysis: Analysis) -> bytes | None:
         dims = "/".join(str(d) for d in sorted({s.dims[space] for s in items}))
         for i in (1, k):
             position += 1
-            _heatmap(fig, position, 4, items, lambda s, f=field, i=i: getattr(s, f)[i - 1][i - 1],
+            _heatmap(fig, position, 4, items, _diagonal(field, i),
                      f"φ({label}₁, {label}₂, {i}, {i}) (random: {i}/d, d = {dims})", 0, 1)
     return _png(fig)
+
+
+def _diagonal(field: str, i: int) -> Callable[[ModuleSimilarity], float]:
+    """φ(i, i) of a module's grid `field`."""
+    return lambda s: float(getattr(s, field)[i - 1][i - 1])
 
 
 def similarity_grid_png(analysis: Analysis) -> bytes | None:
