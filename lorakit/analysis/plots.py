@@ -100,7 +100,7 @@ def amplification_png(analysis: Analysis) -> bytes | None:
     if not rows:
         return None
     fig = Figure(figsize=(9, 4), dpi=_DPI)
-    fig.subplots_adjust(**_PANELS)
+    fig.subplots_adjust(**(_PANELS | {"left": 0.12}))  # room for the log-scale tick labels and the y label
     ax = fig.add_subplot(1, 1, 1)
     for kind in sorted({m.kind for m in rows}):
         points = sorted((m.layer or 0, m.amplification.factor or 0.0) for m in rows  # type: ignore[union-attr]
