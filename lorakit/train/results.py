@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,7 +61,8 @@ def train_record(summary: dict[str, Any], data: str, command: str, note: str | N
     """The entry `lorakit train --record` appends: the run's summary (`TrainSummary.as_json()`), its data file,
     the trainable share and the command that produced it."""
     share = 100 * summary["trainable_params"] / max(summary["total_params"], 1)
-    return {**summary, "data": data, "trainable_pct": share, "command": command, "note": note}
+    # A config's data paths are resolved beside it (`recipes/../../shared/...`): the table shows the plain path.
+    return {**summary, "data": os.path.normpath(data), "trainable_pct": share, "command": command, "note": note}
 
 
 def check_results_file(json_path: str | Path) -> None:
@@ -88,17 +90,20 @@ def read_results(json_path: Path) -> list[dict[str, Any]]:
 
 
 def render_markdown(entries: list[dict[str, Any]]) -> str:
+    """The Markdown page of a results file: per task a table, its rows numbered, and under it each row's command
+    with the same number, then the notes (each distinct note once)."""
     lines = ["# Results", "",
-             "Every row was printed by the command under it; `docs/results.json` holds the same entries.", ""]
+             "Every row was printed by the command under it with the same number; `docs/results.json` holds the same "
+             "entries.", ""]
     for task in dict.fromkeys(e["task"] for e in entries):
-        lines += [f"## {task}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += [f"## {task}", "", "| # | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
         rows = [e for e in entries if e["task"] == task]
-        for e in rows:
-            lines.append("| " + " | ".join(_cell(e.get(c)) for c in COLUMNS) + " |")
+        for n, e in enumerate(rows, 1):
+            lines.append(f"| {n} | " + " | ".join(_cell(e.get(c)) for c in COLUMNS) + " |")
         lines += ["", "Commands:", ""]
-        lines += [f"- {e.get('method')}: `{e.get('command', '')}` ({e.get('recorded', '')}; {e.get('machine', '')})"
-                  for e in rows]
-        notes = [e["note"] for e in rows if e.get("note")]
+        lines += [f"{n}. {e.get('method')}: `{e.get('command', '')}` ({e.get('recorded', '')}; {e.get('machine', '')})"
+                  for n, e in enumerate(rows, 1)]
+        notes = list(dict.fromkeys(e["note"] for e in rows if e.get("note")))
         lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,31 @@
+"""lorakit.train.results: the results file and the page rendered from it."""
+
+from __future__ import annotations
+
+import json
+
+from lorakit.train.results import record_result, render_markdown, train_record
+
+
+def _summary(value: float) -> dict:
+    return {"task": "classification", "model": "minilm", "method": "lora", "metric": "accuracy", "value": value,
+            "trainable_params": 10, "total_params": 1000, "steps": 5, "train_seconds": 1.0}
+
+
+def test_train_record_shows_a_config_relative_data_path_plainly():
+    entry = train_record(_summary(0.5), "recipes/../../shared/data/sst2/train.tsv", "lorakit train x.yaml")
+    assert entry["data"] == "../shared/data/sst2/train.tsv" and entry["trainable_pct"] == 1.0
+
+
+def test_rows_and_their_commands_share_a_number_and_a_repeated_note_is_shown_once(tmp_path):
+    path = tmp_path / "results.json"
+    for rank, value in ((1, 0.7), (8, 0.8)):
+        record_result(train_record(_summary(value), "train.tsv", f"lorakit train x.yaml --lora.rank={rank}",
+                                   "rank sweep"), path)
+    page = path.with_suffix(".md").read_text()
+    assert "| 1 | classification | train.tsv | minilm | lora | accuracy | 0.7000 |" in page
+    assert "| 2 | classification | train.tsv | minilm | lora | accuracy | 0.8000 |" in page
+    assert "1. lora: `lorakit train x.yaml --lora.rank=1`" in page
+    assert "2. lora: `lorakit train x.yaml --lora.rank=8`" in page
+    assert page.count("Note: rank sweep") == 1
+    assert page == render_markdown(json.loads(path.read_text()))
