@@ -178,7 +178,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from lorakit.analysis import run_analysis
 
     analysis, report = run_analysis(args.adapter, against=args.against, model=args.model, base=not args.no_base,
-                                    out_dir=args.out, force=args.force)
+                                    out_dir=args.out, force=args.force, texts=args.texts)
     summary = analysis.summary() | {"report": str(report) if report else None}
     if args.json:
         print(_json(summary))
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["analyze"].add_argument("--out", help="write analysis.json, PNG figures and report.md to this directory "
                                     "(new or empty); without it only the summary is printed")
     parsers["analyze"].add_argument("--force", action="store_true", help="replace an earlier analysis at --out")
+    parsers["analyze"].add_argument("--texts", metavar="FILE", help="UTF-8 texts, one per line (a JSON string line "
+                                    "may hold line breaks), run through the adapted causal LM: the token directions "
+                                    "are oriented to what the update promotes on them, with its mean effect")
     parsers["analyze"].add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return parser
 

@@ -11,6 +11,7 @@ The modules, each small and read top to bottom:
     subspace       φ, the subspace similarity of Hu et al. 2021 §7.2, and its random-subspace expectation
     amplification  ΔW against W, §7.3: ‖UᵀWV‖_F and the amplification factor
     tokens         the tokens ΔW's output directions raise and lower, through a causal LM's unembedding
+    probe          the inputs readout modules see on texts, which orient those directions (promoted vs suppressed)
     base           loading the base model an adapter records, and its W per module
     analyze        `analyze_adapter` and the `Analysis` it returns
     plots, report  figures (matplotlib, Agg canvas) and `write_report`

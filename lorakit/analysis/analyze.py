@@ -2,11 +2,13 @@
 
     analysis = analyze_adapter("runs/sst2/adapter")                       # spectra, §7.3, tokens
     analysis = analyze_adapter("runs/r8/adapter", against="runs/r64/adapter")   # + §7.2 subspace similarity
+    analysis = analyze_adapter("runs/mt/adapter", texts=prompts)          # tokens promoted/suppressed on prompts
     analysis.summary(); analysis.as_json()
 
 Per module: the singular values of ΔW (from its factors, `spectrum.factor_svd`), stable and effective rank and
 energy at each rank; with the base loaded, ΔW against W (`amplification`, Hu et al. 2021 §7.3) and, for a causal LM,
-the tokens ΔW's output directions promote (`tokens`). With a second adapter, φ between the two (§7.2, `subspace`)
+the tokens ΔW's output directions promote (`tokens`), oriented and averaged on `texts` when given (`probe`). With a
+second adapter, φ between the two (§7.2, `subspace`)
 on the modules both adapt.
 """
 
@@ -19,13 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.analysis.amplification import Amplification, amplifications
-from lorakit.analysis.base import Base, base_name, base_weights, load_base
+from lorakit.analysis.base import Base, base_name, base_weights, head_for, load_base
 from lorakit.analysis.factors import AdapterFactors, check_comparable, module_kind_and_layer, read_factors
+from lorakit.analysis.probe import MAX_TEXTS, MAX_TOKENS, InputProbe, probe_inputs
 from lorakit.analysis.spectrum import FactorSVD, effective_rank, energy, factor_svd, stable_rank
 from lorakit.analysis.subspace import phi_grid, right_singular_vectors
-from lorakit.analysis.tokens import TokenDirection, token_directions
+from lorakit.analysis.tokens import (
+    RESIDUAL_WRITERS,
+    TokenDirection,
+    TokenProbe,
+    lm_readout,
+    net_effects,
+    readout_modules,
+    token_directions,
+)
 from lorakit.errors import LorakitError
 from lorakit.init import principal_factors
+from lorakit.io import load_adapter
 
 
 @dataclass
@@ -73,6 +85,7 @@ class Analysis:
     against: str | None = None
     similarity: list[ModuleSimilarity] = field(default_factory=list)
     tokens: list[TokenDirection] | None = None
+    probe: TokenProbe | None = None  # the texts that oriented `tokens`, and each readout's mean effect on them
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers: means over modules (medians for the amplification factor, which is skewed)."""
@@ -84,6 +97,8 @@ class Analysis:
             "mean_energy_top1": _mean([m.energy[0] for m in self.modules if m.energy]),
             "median_amplification": statistics.median(factors) if factors else None,
         }
+        if self.probe is not None:
+            out |= {"texts": self.probe.texts, "text_tokens": self.probe.tokens}
         if self.against is not None:
             out |= {"against": self.against, "compared_modules": len(self.similarity),
                     "mean_phi_a_top1": _mean([s.phi_a[0][0] for s in self.similarity]),
@@ -106,18 +121,23 @@ class Analysis:
 
 
 def analyze_adapter(adapter: str | Path | AdapterFactors, *, against: str | Path | AdapterFactors | None = None,
-                    model: str | None = None, base: bool = True, token_layers: int = 2) -> Analysis:
+                    model: str | None = None, base: bool = True, token_layers: int = 2,
+                    texts: list[str] | None = None) -> Analysis:
     """Analyse the update ΔW of every linear module of `adapter` (a directory, or factors already read).
 
     against: a second adapter on the same base: adds φ between the two (§7.2) on the modules both adapt.
     model: the base model (default: the one the adapter records); base=False skips loading it (and so §7.3 and
         the token projection). token_layers: how many of the last layers the token projection reads.
+    texts: inputs to run through the adapted model (the first `probe.MAX_TEXTS`): each token direction is then
+        oriented so that its + end is what the update promotes on them, and each readout module's mean effect
+        ΔW x̄ is read as tokens (`tokens.net_effects`). Needs a causal LM; without texts a sign convention orients.
     Raises LorakitError for a path that is not an adapter, two adapters of different bases or with no module in
-    common, and a base the adapter does not fit.
+    common, a base the adapter does not fit, and texts that cannot be used (see `check_analysable`).
     """
     factors = adapter if isinstance(adapter, AdapterFactors) else read_factors(adapter)
     other = against if against is None or isinstance(against, AdapterFactors) else read_factors(against)
-    common = check_analysable(factors, other, model=model, base=base)
+    texts = [t for t in texts if t.strip()] if texts is not None else None
+    common = check_analysable(factors, other, model=model, base=base, texts=texts)
     notes = [f"skipped {name}: {why}" for name, why in factors.skipped.items()]
     loaded = load_base(factors, model) if base else None
     weights = base_weights(loaded, factors) if loaded is not None else None
@@ -133,27 +153,66 @@ def analyze_adapter(adapter: str | Path | AdapterFactors, *, against: str | Path
     zero = [m.name for m in modules if not m.singular_values or m.singular_values[0] == 0]
     if zero:
         notes.append(f"{len(zero)} module(s) have ΔW = 0 (B is zero: an untrained adapter?), e.g. {zero[0]}")
-    tokens = _tokens(loaded, svds, token_layers, notes)
+    inputs, probe = _probe(loaded, factors, svds, token_layers, texts, notes) if loaded and texts else (None, None)
+    tokens = _tokens(loaded, svds, token_layers, notes, inputs)
     analysis = Analysis(str(factors.path), loaded.name if loaded else factors.base, _lora(factors), modules,
-                        dict(factors.skipped), notes, tokens=tokens)
+                        dict(factors.skipped), notes, tokens=tokens, probe=probe)
     if other is not None:
         analysis.against = str(other.path)
         analysis.similarity = [_similarity(factors, other, name, svds[name]) for name in common]
     return analysis
 
 
-def check_analysable(factors: AdapterFactors, other: AdapterFactors | None, *, model: str | None, base: bool
-                     ) -> list[str]:
+def check_analysable(factors: AdapterFactors, other: AdapterFactors | None, *, model: str | None, base: bool,
+                     texts: list[str] | None = None) -> list[str]:
     """Every check that needs no model: the pair (see `check_comparable`; returns the modules in common), a base
-    to load when `base`, and the base's W for a principal adapter saved without its initial factors."""
+    to load when `base`, the base's W for a principal adapter saved without its initial factors, and for `texts`:
+    at least one, a base to run them through, an adapter of a causal LM (as far as it records its task) that
+    adapts a module writing into the residual stream."""
     common = check_comparable(factors, other) if other is not None else []
     if base:
         base_name(factors, model)
+    if texts is not None:
+        _check_texts(factors, texts, base=base)
     for f in (factors, *([other] if other is not None else [])):
         if f.principal_missing and not base:
             raise LorakitError(f"principal adapter {str(f.path)!r} has no principal_init.safetensors; its update "
                                "relative to W needs the base's W to recompute the initial factors: drop --no-base")
     return common
+
+
+def _check_texts(factors: AdapterFactors, texts: list[str], *, base: bool) -> None:
+    path = str(factors.path)
+    if not any(t.strip() for t in texts):
+        raise LorakitError("no texts to run through the model (none given, or only blank ones); give at least one")
+    if not base:
+        raise LorakitError("texts run through the base model with the adapter applied: drop --no-base (or the texts)")
+    head = head_for(factors)
+    if head not in ("causal-lm", "auto"):
+        raise LorakitError(f"adapter {path!r} was trained with a {head} head; texts orient the token projection of "
+                           "a causal LM's update: drop the texts for this adapter")
+    if not readout_modules(list(factors.modules), 1):
+        raise LorakitError(f"adapter {path!r} adapts no module that writes into the residual stream "
+                           f"({', '.join(RESIDUAL_WRITERS[:3])}, ...), so its update has no token projection for the "
+                           "texts to orient: drop the texts")
+
+
+def _probe(loaded: Base, factors: AdapterFactors, svds: dict[str, FactorSVD], layers: int, texts: list[str],
+           notes: list[str]) -> tuple[InputProbe, TokenProbe]:
+    """Apply the adapter to the loaded base and gather the readout modules' inputs on `texts` (`probe`)."""
+    if lm_readout(loaded.model) is None:
+        raise LorakitError(f"{loaded.name!r} loads as {type(loaded.model).__name__}, not a causal LM; texts orient "
+                           "the token projection of a causal LM's update: drop the texts")
+    if len(texts) > MAX_TEXTS:
+        notes.append(f"the first {MAX_TEXTS} of {len(texts)} texts were used")
+    load_adapter(loaded.model, factors.path)  # after everything that reads W: a principal adapter rewrites it
+    names = readout_modules(list(svds), layers)
+    inputs = probe_inputs(loaded.model, loaded.tokenizer, texts[:MAX_TEXTS], {n: svds[n].v for n in names})
+    if inputs.truncated:
+        notes.append(f"{inputs.truncated} text(s) were cut to their first {MAX_TOKENS} tokens")
+    probe = TokenProbe(inputs.texts, inputs.tokens, inputs.truncated,
+                       net_effects(loaded.model, loaded.tokenizer, svds, inputs))
+    return inputs, probe
 
 
 def _fill_principal(factors: AdapterFactors, weights: dict[str, Any] | None) -> str:
@@ -177,12 +236,12 @@ def _module(factors: AdapterFactors, name: str, svd: FactorSVD, amp: Amplificati
                           effective_rank(s), energy(s), amp)
 
 
-def _tokens(loaded: Base | None, svds: dict[str, FactorSVD], layers: int, notes: list[str]
-            ) -> list[TokenDirection] | None:
+def _tokens(loaded: Base | None, svds: dict[str, FactorSVD], layers: int, notes: list[str],
+            inputs: InputProbe | None) -> list[TokenDirection] | None:
     if loaded is None:
         notes.append("no base model loaded: ΔW against W (§7.3) and the token projection were skipped")
         return None
-    tokens = token_directions(loaded.model, loaded.tokenizer, svds, layers=layers)
+    tokens = token_directions(loaded.model, loaded.tokenizer, svds, layers=layers, inputs=inputs)
     if tokens is None:
         notes.append(f"{type(loaded.model).__name__} is not a causal LM: the token projection was skipped")
     elif not tokens:

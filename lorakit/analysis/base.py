@@ -46,11 +46,16 @@ def load_base(factors: AdapterFactors, model: str | None = None) -> Base:
     Raises LorakitError when the adapter records no base and none is given, or when the base cannot be loaded.
     """
     name = base_name(factors, model)
+    loaded, tokenizer = load_model(name, head=head_for(factors))
+    return Base(name, loaded, tokenizer)
+
+
+def head_for(factors: AdapterFactors) -> str:
+    """The head the adapter was trained with (`causal-lm`, `sequence-classification`, ...), from its `task.json`,
+    else PEFT's `task_type`; `auto` (the model's own) when it records neither."""
     state = read_task_state(factors.path)
     task = state.get("task") if state else None
-    head = HEAD_FOR_TASK.get(str(task)) or HEAD_FOR_TASK_TYPE.get(str(factors.task_type)) or "auto"
-    loaded, tokenizer = load_model(name, head=head)
-    return Base(name, loaded, tokenizer)
+    return HEAD_FOR_TASK.get(str(task)) or HEAD_FOR_TASK_TYPE.get(str(factors.task_type)) or "auto"
 
 
 def base_weights(base: Base, factors: AdapterFactors) -> dict[str, Tensor]:

@@ -121,15 +121,40 @@ def _similarity_section(analysis: Analysis, images: list[str]) -> list[str]:
 def _token_section(analysis: Analysis) -> list[str]:
     if not analysis.tokens:
         return []
-    lines = ["", "## What the update writes: tokens at both ends of ΔW's output directions", "",
-             "The top output directions u_k of ΔW in the last layers' residual-stream writers, read through the "
-             "final norm and the unembedding. A singular direction has no sign of its own: inputs with v_kᵀx > 0 "
-             "raise the + tokens and lower the − tokens, inputs with v_kᵀx < 0 the reverse; each direction is "
-             "oriented so that its strongest token is at the + end.", "",
-             "| module | k | σ_k | + end | − end |", "|---|---|---|---|---|"]
+    probe = analysis.probe
+    lines = ["", "## What the update writes: the tokens it promotes and suppresses", "",
+             "ΔW's output in the last layers' residual-stream writers, read through the final norm's scale and the "
+             "unembedding (the logit lens: it leaves out the norm's division by the residual's RMS, which scales "
+             "every score of a position alike, and what later blocks do with the output)."]
+    if probe is not None:
+        lines += ["", f"Measured on {probe.texts} texts ({probe.tokens} tokens) run through the adapted model. "
+                  "Each module's mean contribution ΔW x̄ (x̄ its mean input over the tokens) raises and lowers these "
+                  "tokens on average, in logits before the RMS division:", "",
+                  "| module | ‖ΔW x̄‖ | raised most | lowered most |", "|---|---|---|---|"]
+        lines += [f"| `{e.module}` | {e.norm:.3g} | {_tokens(e.raised)} | {_tokens(e.lowered)} |"
+                  for e in probe.effects]
+        lines += ["", "Its top directions u_k, each oriented by the sign of the mean v_kᵀx on the texts: the update "
+                  "promotes the + end and suppresses the − end there. mean v_kᵀx (oriented, so positive) says how far "
+                  "the texts drive a direction on average, mean |v_kᵀx| how strongly they drive it either way; "
+                  "σ_k · mean v_kᵀx is its share of ‖ΔW x̄‖ along u_k.", "",
+                  "| module | k | σ_k | mean v_kᵀx | mean abs(v_kᵀx) | + end (promoted) | − end (suppressed) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{t.module}` | {t.index} | {t.sigma:.3g} | {_number(t.mean_projection)} | "
+                  f"{_number(t.mean_abs_projection)} | {_tokens(t.plus)} | {_tokens(t.minus)} |"
+                  for t in analysis.tokens]
+        return lines
+    lines += ["", "The top output directions u_k. A singular direction has no sign of its own: inputs with "
+              "v_kᵀx > 0 raise the + tokens and lower the − tokens, inputs with v_kᵀx < 0 the reverse; each "
+              "direction is oriented by convention so that its strongest token is at the + end. Which end the "
+              "update promotes on real inputs needs texts (`--texts FILE`).", "",
+              "| module | k | σ_k | + end | − end |", "|---|---|---|---|---|"]
     for t in analysis.tokens:
         lines.append(f"| `{t.module}` | {t.index} | {t.sigma:.3g} | {_tokens(t.plus)} | {_tokens(t.minus)} |")
     return lines
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _tokens(tokens: list[str]) -> str:

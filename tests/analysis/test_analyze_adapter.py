@@ -110,3 +110,55 @@ def test_the_summary_phi_of_output_directions_equals_the_dense_svds_of_the_two_u
         top2.append(float(torch.linalg.matrix_norm(u1[:, :2].T @ u2[:, :2])) ** 2 / 2)  # φ(2, 2), k = 2
     assert summary["mean_phi_u_top1"] == approx(sum(top1) / len(top1))
     assert summary["mean_phi_u_full"] == approx(sum(top2) / len(top2))
+
+
+def test_texts_orient_the_directions_and_give_the_net_effect_of_the_adapted_models_mean_input(tmp_path, base_dir):
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+
+    path = adapter(tmp_path / "a", str(base_dir))
+    texts = ["w5 w9 w12", "w7", "  ", "w3 w40 w41 w42"]
+    analysis = analyze_adapter(path, texts=texts)
+    assert analysis.probe is not None and (analysis.probe.texts, analysis.probe.tokens) == (3, 8)
+    assert analysis.summary()["texts"] == 3 and analysis.summary()["text_tokens"] == 8
+    model, tokenizer = load_model(str(base_dir), head="causal-lm")
+    load_adapter(model, path)  # every module of both layers adapted: layer 1's inputs differ from the base's
+    names = ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: seen[n].append(args[0][0]))
+               for n in names]
+    with torch.no_grad():
+        for text in (t for t in texts if t.strip()):
+            model(torch.tensor([tokenizer(text)["input_ids"]]))
+    for handle in handles:
+        handle.remove()
+    unembed, scale = model.lm_head.weight.double(), model.model.norm.weight.double()
+    for name in names:
+        x = torch.cat(seen[name]).double()  # (8, in): every token's input to the module, one text at a time
+        left, right = read_factors(path).modules[name].update()
+        delta = left @ right @ x.mean(0)  # ΔW x̄, dense
+        scores = unembed @ (scale * delta)  # E (γ ⊙ ΔW x̄)
+        (effect,) = [e for e in analysis.probe.effects if e.module == name]
+        assert effect.raised == [f"w{i}" for i in torch.topk(scores, 8).indices.tolist()]
+        assert effect.lowered == [f"w{i}" for i in torch.topk(-scores, 8).indices.tolist()]
+        assert effect.raised_scores == approx(torch.topk(scores, 8).values.tolist(), "fp32 reordered")
+        assert effect.norm == approx(float(delta.norm()), "fp32 reordered")
+        u, _, vh = torch.linalg.svd(left @ right, full_matrices=False)
+        v = vh[:2].T  # (in, 2): the dense SVD's own signs
+        directions = [t for t in analysis.tokens or [] if t.module == name]
+        assert [t.oriented_by for t in directions] == ["texts", "texts"]
+        assert [t.mean_projection for t in directions] == approx((v.T @ x.mean(0)).abs().tolist(), "fp32 reordered")
+        assert [t.mean_abs_projection for t in directions] == approx((x @ v).abs().mean(0).tolist(),
+                                                                     "fp32 reordered")
+        for k, t in enumerate(directions):  # the + end: u_k read with the sign of the mean v_kᵀx
+            promoted = torch.sign(v[:, k] @ x.mean(0)) * (unembed @ (scale * u[:, k]))
+            assert (t.plus[0], t.minus[0]) == (f"w{int(promoted.argmax())}", f"w{int(promoted.argmin())}")
+
+
+def test_texts_beyond_the_cap_are_not_used_and_the_note_says_so(tmp_path, base_dir, monkeypatch):
+    from lorakit.analysis import analyze
+
+    monkeypatch.setattr(analyze, "MAX_TEXTS", 2)
+    analysis = analyze_adapter(adapter(tmp_path / "a", str(base_dir)), texts=["w5 w6", "w7", "w8 w9 w10"])
+    assert analysis.probe is not None and (analysis.probe.texts, analysis.probe.tokens) == (2, 3)
+    assert "the first 2 of 3 texts were used" in analysis.notes

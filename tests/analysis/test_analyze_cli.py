@@ -57,3 +57,19 @@ def re_line(key: str, value: str | None, text: str) -> bool:
     """Whether the table in `text` has a row `key  value` (any value when None)."""
     pattern = re.escape(value) if value else r"\S+"
     return re.search(rf"^{key}\s+{pattern}$", text, re.M) is not None
+
+
+def test_analyze_with_texts_reports_the_net_effect_and_the_orientation_from_the_texts(tmp_path, capsys):
+    path = adapter(tmp_path / "a", str(tiny_causal_lm_dir(tmp_path / "base")))
+    texts = tmp_path / "texts.txt"
+    texts.write_text("w5 w9 w12\n\nw7\n\"w3\\nw40 w41\"\n", encoding="utf-8")
+    assert main(["analyze", str(path), "--texts", str(texts), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert re_line("texts", "3", out) and re_line("text_tokens", "7", out)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Measured on 3 texts (7 tokens)" in report and "| module | ‖ΔW x̄‖ | raised most | lowered most |" in report
+    assert report.index("raised most") < report.index("+ end (promoted)")  # the net effect first
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    assert [e["module"] for e in data["probe"]["effects"]] == [
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.down_proj", "self_attn.o_proj")]
+    assert all(t["oriented_by"] == "texts" and t["mean_projection"] > 0 for t in data["tokens"])

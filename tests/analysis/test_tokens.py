@@ -1,16 +1,20 @@
 """The token projection: constructed output directions of ΔW read through a constructed unembedding give the
-tokens they were built to point at, at the end the sign convention puts them; encoders are skipped."""
+tokens they were built to point at, at the end the sign convention puts them, or, with inputs, at the end the sign
+of the mean input projection puts them; the net effect is the unembedded update of the mean input; encoders are
+skipped."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import approx, tiny_bert, tiny_gpt2, tiny_llama
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from lorakit.analysis.probe import InputProbe, InputStats
 from lorakit.analysis.spectrum import FactorSVD
-from lorakit.analysis.tokens import lm_readout, readout_modules, token_directions
+from lorakit.analysis.tokens import lm_readout, net_effects, readout_modules, token_directions
 
 LAST_O = "model.layers.1.self_attn.o_proj"
 
@@ -81,3 +85,56 @@ def test_an_encoder_has_no_token_projection():
     svd = _svd([torch.eye(32)[0]], [1.0])
     assert lm_readout(tiny_bert()) is None
     assert token_directions(tiny_bert(), _tokenizer(), {"bert.encoder.layer.1.output.dense": svd}) is None
+
+
+def _inputs(mean: torch.Tensor, mean_abs: list[float]) -> InputProbe:
+    stats = InputStats(mean.double(), torch.tensor(mean_abs, dtype=torch.float64))
+    return InputProbe(texts=1, tokens=4, truncated=0, modules={LAST_O: stats})
+
+
+def _two_directions() -> FactorSVD:
+    e = torch.eye(32)
+    first = 0.9 * e[5] + 0.3 * e[9] - 0.2 * e[7]  # stored scores: + w5 w9, - w40 w7
+    second = -(0.8 * e[7]) + 0.1 * e[3]  # stored scores: + w3, - w7 (the convention flips it: w7 at +)
+    return _svd([first / first.norm(), second / second.norm()], [3.0, 1.0])
+
+
+@pytest.mark.parametrize("signs", [(1, 1), (1, -1), (-1, 1), (-1, -1)])
+def test_with_inputs_a_direction_is_flipped_exactly_when_the_mean_input_projection_is_negative(signs):
+    svd = _two_directions()  # V = the first two input axes, so v_kᵀx̄ = x̄[k]
+    mean = torch.zeros(64)
+    mean[0], mean[1] = 0.5 * signs[0], 0.25 * signs[1]
+    stored = token_directions(_model_reading_axes(), _tokenizer(), {LAST_O: svd}, top=2,
+                              inputs=_inputs(torch.zeros(64), [0.0, 0.0]))  # mean 0: the convention
+    assert stored is not None and [t.oriented_by for t in stored] == ["convention", "convention"]
+    tokens = token_directions(_model_reading_axes(), _tokenizer(), {LAST_O: svd}, top=2,
+                              inputs=_inputs(mean, [0.7, 0.4]))
+    assert tokens is not None
+    as_stored = [("w5", "w40"), ("w3", "w7")]  # the strongest (plus, minus) tokens with the SVD's own sign
+    for t, sign, (plus, minus) in zip(tokens, signs, as_stored, strict=True):
+        assert t.oriented_by == "texts"
+        assert (t.plus[0], t.minus[0]) == ((plus, minus) if sign > 0 else (minus, plus))
+        assert t.plus_scores[0] > 0 > t.minus_scores[0]
+    assert [t.mean_projection for t in tokens] == [0.5, 0.25]  # oriented: positive whatever the stored sign
+    assert [t.mean_abs_projection for t in tokens] == [0.7, 0.4]
+
+
+def test_the_net_effect_is_the_unembedded_update_of_the_mean_input():
+    model = _model_reading_axes()
+    with torch.no_grad():
+        model.model.norm.weight[:] = torch.linspace(0.5, 2.0, 32)
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(32, 3, generator=g, dtype=torch.float64), torch.randn(3, 64, generator=g,
+                                                                                      dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(left @ right, full_matrices=False)
+    svd = FactorSVD(u[:, :3], s[:3], vh[:3].T)
+    mean = torch.randn(64, generator=g, dtype=torch.float64)
+    (effect,) = net_effects(model, _tokenizer(), {LAST_O: svd}, _inputs(mean, [0.0] * 3), top=3)
+    delta = left @ right @ mean  # ΔW x̄, dense
+    scores = model.lm_head.weight.double() @ (model.model.norm.weight.double() * delta)  # E (γ ⊙ ΔW x̄)
+    top, bottom = torch.topk(scores, 3), torch.topk(-scores, 3)
+    assert effect.raised == [f"w{i}" for i in top.indices.tolist()]
+    assert effect.lowered == [f"w{i}" for i in bottom.indices.tolist()]
+    assert effect.raised_scores == approx(top.values.tolist(), "fp32 vs float64 formula")
+    assert effect.norm == approx(float(delta.norm()), "float64 reordered")
+    assert effect.mean_input_norm == approx(float(mean.norm()))

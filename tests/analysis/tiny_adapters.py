@@ -6,17 +6,21 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_llama
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from lorakit import LoraConfig, inject, save_adapter
 
 
 def word_tokenizer(size: int = 128) -> PreTrainedTokenizerFast:
-    """One word per id, `w0` ... `w127`: a token's text names its id."""
+    """One word per id, `w0` ... `w127`, split at spaces: a token's text names its id. The special tokens (`w0`
+    unknown, `w1` end) match whole words only, so `w12` stays one token."""
     backend = Tokenizer(WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=AddedToken("w0", single_word=True),
+                                   eos_token=AddedToken("w1", single_word=True))
 
 
 def tiny_causal_lm_dir(path: Path) -> Path:

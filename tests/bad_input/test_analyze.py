@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import expect_cli_error, tiny_llama
+from conftest import expect_cli_error, tiny_bert, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, inject, save_adapter
@@ -78,6 +78,30 @@ def _earlier_analysis(tmp: Path) -> None:
     write_report(analyze_adapter(tmp / "a", base=False), tmp / "out")
 
 
+def _texts(tmp: Path) -> None:
+    (tmp / "t.txt").write_text("w5 w6\n", encoding="utf-8")
+
+
+def _lm_and_texts(tmp: Path) -> None:
+    _adapter(tmp / "lm", targets=["o_proj", "down_proj"])
+    _texts(tmp)
+
+
+def _blank_texts(tmp: Path) -> None:
+    _adapter(tmp / "lm", targets=["o_proj", "down_proj"])
+    (tmp / "t.txt").write_text("\n  \n\n", encoding="utf-8")
+
+
+def _latin1_texts(tmp: Path) -> None:
+    _adapter(tmp / "lm", targets=["o_proj", "down_proj"])
+    (tmp / "t.txt").write_bytes("w5\nein Café\n".encode("latin-1"))
+
+
+def _classifier_and_texts(tmp: Path) -> None:
+    _adapter(tmp / "bert", model=tiny_bert(), targets=["query", "value"])
+    _texts(tmp)
+
+
 CASES = [
     pytest.param(["file.txt"], _file, r"'.*file\.txt' is a file, not an adapter directory", id="a-file"),
     pytest.param(["empty"], _empty_dir, r"empty/adapter_config\.json is missing; an adapter directory holds",
@@ -105,6 +129,22 @@ CASES = [
     pytest.param(["a", "--out", "out"], _earlier_analysis, r"earlier lorakit analysis; pass --force",
                  id="out-holds-an-earlier-analysis"),
     pytest.param([], _nothing, r"the following arguments are required: adapter", id="no-adapter-argument"),
+    pytest.param(["lm", "--texts", "none.txt"], _lm_and_texts, r"texts file '.*none\.txt' does not exist",
+                 id="texts-file-missing"),
+    pytest.param(["lm", "--texts", "lm"], _lm_and_texts, r"texts file '.*lm' is a directory",
+                 id="texts-file-a-directory"),
+    pytest.param(["lm", "--texts", "t.txt"], _blank_texts, r"t\.txt' holds no text \(only blank lines\)",
+                 id="texts-file-blank"),
+    pytest.param(["lm", "--texts", "t.txt"], _latin1_texts, r"t\.txt' is not UTF-8 \(byte 0xe9 on line 2\)",
+                 id="texts-file-not-utf8"),
+    pytest.param(["lm", "--texts", "t.txt", "--no-base"], _lm_and_texts,
+                 r"texts run through the base model with the adapter applied: drop --no-base", id="texts-no-base"),
+    pytest.param(["bert", "--texts", "t.txt"], _classifier_and_texts,
+                 r"trained with a sequence-classification head; texts orient the token projection of a causal LM",
+                 id="texts-for-a-classifier"),
+    pytest.param(["a", "--texts", "t.txt"], _texts,
+                 r"adapts no module that writes into the residual stream \(o_proj, down_proj, c_proj, \.\.\.\)",
+                 id="texts-without-residual-writers"),
 ]
 
 
