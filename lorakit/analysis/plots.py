@@ -149,7 +149,7 @@ def similarity_grid_png(analysis: Analysis) -> bytes | None:
     kinds = sorted({s.kind for s in analysis.similarity})
     cols = len(kinds)
     fig = Figure(figsize=(2.4 * cols + 1.2, 5.4), dpi=_DPI)
-    fig.subplots_adjust(left=0.06, right=0.9, top=0.9, bottom=0.1, wspace=0.35, hspace=0.55)
+    fig.subplots_adjust(left=0.06, right=0.9, top=0.84, bottom=0.1, wspace=0.35, hspace=0.6)
     axes, image = [], None
     for row, (field, (label, _)) in enumerate(_PHI_FIELDS.items()):
         for n, kind in enumerate(kinds, 1):
@@ -160,7 +160,7 @@ def similarity_grid_png(analysis: Analysis) -> bytes | None:
             ax = fig.add_subplot(2, cols, row * cols + n)
             image = ax.imshow(mean, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis",
                               extent=(0.5, cols_j + 0.5, rows_i + 0.5, 0.5))
-            ax.set_title(f"{'.'.join(kind.split('.')[-2:])}\nφ on {label}", fontsize=8)
+            ax.set_title(f"{kind}\nφ on {label}", fontsize=7)
             ax.tick_params(labelsize=7)
             if n == 1:
                 ax.set_ylabel("i (this adapter)", fontsize=8)
