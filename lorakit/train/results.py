@@ -91,7 +91,7 @@ def read_results(json_path: Path) -> list[dict[str, Any]]:
 
 def render_markdown(entries: list[dict[str, Any]]) -> str:
     """The Markdown page of a results file: per task a table, its rows numbered, and under it each row's command
-    with the same number, then the notes (each distinct note once)."""
+    with the same number, then the notes (each distinct note once, with the numbers of its rows)."""
     lines = ["# Results", "",
              "Every row was printed by the command under it with the same number; `docs/results.json` holds the same "
              "entries.", ""]
@@ -103,9 +103,23 @@ def render_markdown(entries: list[dict[str, Any]]) -> str:
         lines += ["", "Commands:", ""]
         lines += [f"{n}. {e.get('method')}: `{e.get('command', '')}` ({e.get('recorded', '')}; {e.get('machine', '')})"
                   for n, e in enumerate(rows, 1)]
-        notes = list(dict.fromkeys(e["note"] for e in rows if e.get("note")))
-        lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
+        notes: dict[str, list[int]] = {}
+        for n, e in enumerate(rows, 1):
+            if e.get("note"):
+                notes.setdefault(e["note"], []).append(n)
+        lines += [""] + [f"Note ({_numbers(ns)}): {note}" for note, ns in notes.items()] + ([""] if notes else [])
     return "\n".join(lines) + "\n"
+
+
+def _numbers(numbers: list[int]) -> str:
+    """`5-11, 14` for [5, 6, ..., 11, 14]: the rows a note is about."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _cell(value: Any) -> str:

@@ -27,5 +27,10 @@ def test_rows_and_their_commands_share_a_number_and_a_repeated_note_is_shown_onc
     assert "| 2 | classification | train.tsv | minilm | lora | accuracy | 0.8000 |" in page
     assert "1. lora: `lorakit train x.yaml --lora.rank=1`" in page
     assert "2. lora: `lorakit train x.yaml --lora.rank=8`" in page
-    assert page.count("Note: rank sweep") == 1
+    assert page.count("rank sweep") == 1 and "Note (1-2): rank sweep" in page
     assert page == render_markdown(json.loads(path.read_text()))
+
+
+def test_a_note_names_its_rows_as_ranges():
+    entries = [{**_summary(0.5), "command": f"c{i}", "note": "a" if i in (0, 1, 2, 4) else None} for i in range(5)]
+    assert "Note (1-3, 5): a" in render_markdown(entries)
