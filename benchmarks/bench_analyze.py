@@ -12,13 +12,12 @@ other work holds cores, pass `--threads 1`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
-from common import add_threads_option, apply_threads, machine, medians, race
+from common import adapter_race_parser, machine, medians, parse_race_args, race
 
 from lorakit import LoraConfig, inject, save_adapter
 from lorakit.analysis import analyze_adapter, write_report
@@ -41,17 +40,7 @@ def make_adapter(path: Path, rank: int, alpha: float, seed: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds (each runs both arms)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--seed", type=int, default=0)
-    add_threads_option(parser)
-    args = parser.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    apply_threads(parser, args.threads)
+    args = parse_race_args(adapter_race_parser(__doc__.splitlines()[0], repeats=3))
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"

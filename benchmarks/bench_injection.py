@@ -16,11 +16,10 @@ OpenMP threads contending with another process there slow both libraries down ma
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 
-from common import add_threads_option, apply_threads, machine, medians, race_on_copies
+from common import adapter_race_parser, machine, medians, parse_race_args, race_on_copies
 from torch import nn
 
 from lorakit import LoraConfig, inject
@@ -48,17 +47,7 @@ def arms(config: LoraConfig) -> dict[str, Callable[[nn.Module], int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="measured rounds (each runs both arms)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--seed", type=int, default=0)
-    add_threads_option(parser)
-    args = parser.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    apply_threads(parser, args.threads)
+    args = parse_race_args(adapter_race_parser(__doc__.splitlines()[0], repeats=5))
 
     base, _ = load_model("smollm2")
     base.eval()

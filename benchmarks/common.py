@@ -83,6 +83,27 @@ def race_on_copies(base: torch.nn.Module, arms: dict[str, Callable[[torch.nn.Mod
     return wall, cpu, kept
 
 
+def adapter_race_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of a race over one adapter: --repeats, --warmup, --rank, --alpha, --seed and --threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats, help="measured rounds (each runs every arm)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_option(parser)
+    return parser
+
+
+def parse_race_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, check --repeats and --warmup, and apply --threads."""
+    args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    apply_threads(parser, args.threads)
+    return args
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own). On a machine where other work holds cores, 1: "
