@@ -147,16 +147,18 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     check_output_file(args.out, force=args.force, inputs=[args.config])  # before the model loads
     allocation = allocate_from_config(config, budget=args.budget, like_rank=args.like_rank, probe=args.probe,
-                                      probe_batches=args.probe_batches, max_rank=args.max_rank)
+                                      probe_batches=args.probe_batches, max_rank=args.max_rank,
+                                      scaling=args.scaling)
     flags = [f"--budget {args.budget}" if args.budget is not None else f"--like-rank {args.like_rank}",
              f"--probe {args.probe}", f"--probe-batches {args.probe_batches}",
-             *([f"--max-rank {args.max_rank}"] if args.max_rank is not None else []), f"--out {args.out}"]
+             *([f"--max-rank {args.max_rank}"] if args.max_rank is not None else []), f"--scaling {args.scaling}",
+             f"--out {args.out}"]
     command = " ".join(["lorakit", "allocate", args.config, *args.overrides, *flags])
     out = write_rank_pattern(args.out, allocation, command=command, force=args.force, inputs=[args.config])
     _print_table([("module kind", "ranks")] + summary_rows(allocation.ranks))
     print(f"budget {allocation.budget:,}, used {allocation.used:,} adapter parameters (uniform-equivalent rank "
           f"{allocation.uniform_equivalent:.2f}); {args.probe} probe on {allocation.probe_batches} batches in "
-          f"{allocation.probe_seconds:.1f} s; written to {out}")
+          f"{allocation.probe_seconds:.1f} s; scaling {args.scaling}; written to {out}")
     return 0
 
 
@@ -299,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "inputs (EVA); default: gradients (docs/allocation.md says why)")
     parsers["allocate"].add_argument("--probe-batches", type=int, default=8, help="training batches to probe")
     parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
+    parsers["allocate"].add_argument("--scaling", choices=("keep", "per-rank"), default="keep",
+                                     help="keep: each module gets the alpha that keeps the scaling of uniform "
+                                     "lora.rank (PEFT EVA's default); per-rank: lora.alpha shared, scaling alpha/r_m")
     parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")
     parsers["allocate"].add_argument("--force", action="store_true", help="replace an existing --out file")
     parsers["sweep"].add_argument("config", help="a training YAML file, as for train")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +29,28 @@ from lorakit.train.task import Batch, Features, Task
 
 log = logging.getLogger(__name__)
 
+# How the rank-pattern file sets each module's scaling: `keep` gives each module the alpha that keeps the scaling of
+# the config's uniform lora.rank (PEFT EVA's adjust_scaling_factors=True, its default); `per-rank` leaves lora.alpha
+# shared, so the scaling becomes alpha / r_m (alpha / sqrt(r_m) with rsLoRA).
+SCALING_RULES = ("keep", "per-rank")
+
+
+def kept_alphas(ranks: Mapping[str, int], *, rank: int, alpha: float, rslora: bool = False) -> dict[str, float]:
+    """Each module's alpha such that its scaling equals that of rank `rank` at `alpha`.
+
+    LoRA (Hu et al. 2021, §4.1) scales by alpha / r: alpha_m / r_m = alpha / rank gives alpha_m = alpha · r_m / rank
+    (PEFT's EVA, `adjust_scaling_factors`). rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r):
+    alpha_m / sqrt(r_m) = alpha / sqrt(rank) gives alpha_m = alpha · sqrt(r_m / rank).
+    """
+    if rslora:
+        return {name: alpha * math.sqrt(r / rank) for name, r in ranks.items()}
+    return {name: alpha * r / rank for name, r in ranks.items()}
+
 
 @dataclass
 class Allocation:
-    """Ranks chosen for a budget, and what they were chosen from."""
+    """Ranks chosen for a budget, what they were chosen from, and how the file sets each module's scaling
+    (`scaling`, one of SCALING_RULES, relative to the config's `lora_rank`, `lora_alpha` and `rslora`)."""
 
     ranks: dict[str, int]  # full module name -> rank, in the model's order
     costs: dict[str, int]  # full module name -> adapter parameters per rank (fan_in + fan_out)
@@ -41,6 +60,23 @@ class Allocation:
     probe_seconds: float
     like_rank: int | None = None  # the uniform rank the budget was given as, if it was
     spectra: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    scaling: str = "per-rank"
+    lora_rank: int | None = None  # the config's lora.rank, lora.alpha and lora.rslora (needed by `keep`)
+    lora_alpha: float | None = None
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        check_scaling(self.scaling)
+        if self.scaling == "keep" and (self.lora_rank is None or self.lora_alpha is None):
+            raise LorakitError("scaling 'keep' needs the config's lora_rank and lora_alpha to keep the scaling of")
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        """Module name -> alpha under `keep` (see `kept_alphas`); empty under `per-rank` (lora.alpha for all)."""
+        if self.scaling != "keep":
+            return {}
+        return kept_alphas(self.ranks, rank=self.lora_rank, alpha=self.lora_alpha,  # type: ignore[arg-type]
+                           rslora=self.rslora)
 
     @property
     def used(self) -> int:
@@ -64,6 +100,13 @@ def check_budget_args(budget: int | None, like_rank: int | None) -> None:
             raise LorakitError(f"{what} must be a positive int, got {value!r}")
 
 
+def check_scaling(scaling: str) -> None:
+    """`scaling` is one of SCALING_RULES; raises LorakitError naming them otherwise."""
+    if scaling not in SCALING_RULES:
+        raise LorakitError(f"scaling must be one of {', '.join(SCALING_RULES)}, got {scaling!r}"
+                           f"{did_you_mean(str(scaling), SCALING_RULES)}")
+
+
 def budget_for(costs: dict[str, int], *, budget: int | None, like_rank: int | None) -> int:
     """The budget in adapter parameters: `budget`, or that of uniform rank `like_rank` on the modules of `costs`."""
     check_budget_args(budget, like_rank)
@@ -72,14 +115,17 @@ def budget_for(costs: dict[str, int], *, budget: int | None, like_rank: int | No
 
 def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like_rank: int | None = None,
                          probe: str = "gradients", probe_batches: int = 8, min_rank: int = 1,
-                         max_rank: int | None = None) -> Allocation:
+                         max_rank: int | None = None, scaling: str = "keep") -> Allocation:
     """Per-module ranks for the modules `config.lora` targets, under `budget` adapter parameters (or the count of
     uniform rank `like_rank`), from `probe` ("gradients" or "activations") on the first `probe_batches` training
     batches of `config.optim.batch_size` (the batches training starts with, by `config.run.seed`).
 
-    Raises LorakitError for a bad probe name or count, both or neither of budget and like_rank, or a budget below
-    rank `min_rank` on every target (naming the smallest budget), the last before any probe runs.
+    scaling: `keep` (each module's alpha keeps the scaling of config.lora.rank at config.lora.alpha; see
+    `kept_alphas`) or `per-rank` (lora.alpha shared, scaling alpha / r_m); what `write_rank_pattern` writes.
+    Raises LorakitError for a bad probe name, count or scaling rule, both or neither of budget and like_rank, or a
+    budget below rank `min_rank` on every target (naming the smallest budget), the last before any probe runs.
     """
+    check_scaling(scaling)
     if probe not in PROBES:
         raise LorakitError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}{did_you_mean(probe, PROBES)}")
     if type(probe_batches) is not int or probe_batches < 1:
@@ -104,7 +150,8 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
     seconds = time.perf_counter() - started
     log.info("%s probe on %d batches: %.1f s", probe, len(batches), seconds)
     ranks = allocate_ranks(spectra, costs, total, min_rank=min_rank, max_rank=max_rank)
-    return Allocation(ranks, costs, total, probe, len(batches), seconds, like_rank, spectra)
+    return Allocation(ranks, costs, total, probe, len(batches), seconds, like_rank, spectra, scaling=scaling,
+                      lora_rank=config.lora.rank, lora_alpha=config.lora.alpha, rslora=config.lora.rslora)
 
 
 _PROBE_FUNCTIONS: dict[str, Callable[..., dict[str, Tensor]]] = {

@@ -138,9 +138,11 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
 
 def _read_rank_pattern_file(raw: dict[str, Any], base: Path | None, where: dict[str, str]) -> list[Problem]:
     """lora.rank_pattern given as a path: replaced by the YAML mapping of module names to ranks the file holds
-    (what `lorakit allocate` writes). A relative path set in the YAML config is looked up from the working
-    directory first, then from the config's directory `base` (as data paths are); a flag's from the working
-    directory only. A file that is missing, unreadable or not such a mapping is a problem naming the key."""
+    (what `lorakit allocate` writes). An entry may also be `{rank: R, alpha: A}`: R goes to lora.rank_pattern and A
+    to lora.alpha_pattern, after the config's own alpha_pattern entries (the first matching pattern wins, so the
+    config's come first). A relative path set in the YAML config is looked up from the working directory first,
+    then from the config's directory `base` (as data paths are); a flag's from the working directory only. A file
+    that is missing, unreadable or not such a mapping, and each bad entry, is a problem naming the key."""
     lora = raw.get("lora")
     value = lora.get("rank_pattern") if isinstance(lora, dict) else None
     if not isinstance(value, str) or not isinstance(lora, dict):
@@ -169,13 +171,56 @@ def _read_rank_pattern_file(raw: dict[str, Any], base: Path | None, where: dict[
         return [(key, f"{key} file {value!r} holds {kind}, not a mapping of module names to ranks; {hint}")]
     problems: list[Problem] = [(key, f"{key} file {value!r} line {second}: duplicate module {name} (first at line "
                                      f"{first}); delete one") for name, first, second in loader.duplicates]
-    bad = [f"{k!r}: {v!r}" for k, v in data.items() if not isinstance(k, str) or type(v) is not int or v < 1]
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    bad: list[str] = []
+    for name, entry in data.items():
+        if isinstance(name, str) and isinstance(entry, dict):
+            rank, alpha, text = _pattern_entry(entry)
+            if text:
+                line = loader.key_lines.get(name)
+                problems.append((key, f"{key} file {value!r} entry {name!r}{f' (line {line})' if line else ''}: "
+                                      f"{text}"))
+            elif rank is not None:
+                ranks[name] = rank
+                if alpha is not None:
+                    alphas[name] = alpha
+        elif isinstance(name, str) and _positive_int(entry):
+            ranks[name] = entry
+        else:
+            bad.append(f"{name!r}: {entry!r}")
     if bad:
-        problems.append((key, f"{key} file {value!r}: ranks must be positive ints keyed by module names; bad "
-                              f"entries: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"))
+        problems.append((key, f"{key} file {value!r}: ranks must be positive ints (or {{rank: R, alpha: A}}) keyed "
+                              f"by module names; bad entries: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"))
     if not problems:
-        lora["rank_pattern"] = data
+        lora["rank_pattern"] = ranks
+        own = lora.get("alpha_pattern")
+        if alphas and isinstance(own, dict | None):  # a bad alpha_pattern is reported by the type check
+            lora["alpha_pattern"] = {**(own or {}), **{k: a for k, a in alphas.items() if k not in (own or {})}}
     return problems
+
+
+_ENTRY_KEYS = ("rank", "alpha")
+
+
+def _pattern_entry(entry: dict[Any, Any]) -> tuple[int | None, float | None, str]:
+    """A rank-pattern file's `{rank: R, alpha: A}` entry: (rank, alpha or None, problems; '' when none)."""
+    problems = [f"unknown key {k!r}{did_you_mean(str(k), _ENTRY_KEYS)}" for k in entry if k not in _ENTRY_KEYS]
+    rank, alpha = entry.get("rank"), entry.get("alpha")
+    if "rank" not in entry:
+        problems.append("no rank")
+    elif not _positive_int(rank):
+        problems.append(f"rank must be a positive int, got {rank!r}")
+    if "alpha" in entry and (isinstance(alpha, bool) or not isinstance(alpha, int | float)
+                             or not math.isfinite(alpha) or alpha <= 0):
+        problems.append(f"alpha must be a positive number, got {alpha!r}")
+    if problems:
+        return None, None, "; ".join(problems) + "; write the entry as a rank or {rank: R, alpha: A}"
+    return rank, None if alpha is None else float(alpha), ""
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
 
 
 def _first_file(value: str) -> str:

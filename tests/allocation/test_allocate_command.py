@@ -49,22 +49,39 @@ def test_the_probe_reads_the_first_training_batches_of_the_base_model(config_pat
         assert_close(allocation.spectra[name], spectra[name], "fp32 reordered")
 
 
-def test_allocate_command_writes_a_pattern_that_training_reads(config_path, tmp_path, capsys):
+def test_allocate_command_writes_a_pattern_that_training_reads_with_the_uniform_scaling_kept(config_path,
+                                                                                               tmp_path, capsys):
     out = tmp_path / "alloc" / "rank_pattern.yaml"
     assert main(["allocate", str(config_path), "--like-rank", "2", "--probe-batches", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "bert.encoder.layer.*.attention.self.query" in printed and "uniform-equivalent rank" in printed
-    ranks = yaml.safe_load(out.read_text())
-    assert list(ranks) == TARGETS
+    entries = yaml.safe_load(out.read_text())
+    assert list(entries) == TARGETS
     assert f"# command: lorakit allocate {config_path} --like-rank 2 --probe gradients --probe-batches 2 " \
-           f"--out {out}" in out.read_text()
-    assert load_train_config(config_path, [f"--lora.rank_pattern={out}"]).lora.rank_pattern == ranks
+           f"--scaling keep --out {out}" in out.read_text()
+    lora = load_train_config(config_path, [f"--lora.rank_pattern={out}"]).lora  # rank 4, alpha 8: scaling 2
+    assert lora.rank_pattern == {name: entry["rank"] for name, entry in entries.items()}
+    assert lora.alpha_pattern == {name: 2.0 * entry["rank"] for name, entry in entries.items()}
+    assert len(set(lora.rank_pattern.values())) > 1
+    assert [lora.scaling_for(name) for name in TARGETS] == [2.0] * len(TARGETS)
+
+
+def test_allocate_command_with_per_rank_scaling_writes_plain_ranks_under_the_shared_alpha(config_path, tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["allocate", str(config_path), "--like-rank", "2", "--probe-batches", "2", "--scaling", "per-rank",
+                 "--out", str(out)]) == 0
+    ranks = yaml.safe_load(out.read_text())
+    assert list(ranks) == TARGETS and all(type(r) is int for r in ranks.values())
+    assert all(line.startswith("#") or ": {" not in line for line in out.read_text().splitlines())
+    lora = load_train_config(config_path, [f"--lora.rank_pattern={out}"]).lora
+    assert lora.rank_pattern == ranks and lora.alpha_pattern == {}
+    assert [lora.scaling_for(name) for name in TARGETS] == [8 / ranks[name] for name in TARGETS]
 
 
 def test_allocate_takes_config_overrides_and_replaces_its_file_with_force(config_path, tmp_path):
     out = tmp_path / "p.yaml"
     argv = ["allocate", str(config_path), "--lora.targets=[query]", "--budget", "400", "--probe-batches", "1",
-            "--max-rank", "5", "--out", str(out)]
+            "--max-rank", "5", "--out", str(out), "--scaling", "per-rank"]
     assert main(argv) == 0
     first = yaml.safe_load(out.read_text())
     assert list(first) == [f"bert.encoder.layer.{i}.attention.self.query" for i in LAYERS]
