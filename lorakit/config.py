@@ -36,8 +36,9 @@ class LoraConfig:
     bias: which biases train: `none`, `lora_only` (those of adapted modules) or `all` (every module's own bias).
     rslora: scale by alpha / sqrt(rank) instead of alpha / rank (see rank, alpha).
     rank_pattern / alpha_pattern: per-module overrides, pattern -> value; the first matching pattern wins. In a
-        training config `rank_pattern` may also be the path of a YAML file holding that mapping (`lorakit
-        allocate` writes one from a probe of the model, under a parameter budget).
+        training config `rank_pattern` may also be the path of a YAML file mapping module names to a rank or to
+        `{rank: R, alpha: A}` (the alpha joins alpha_pattern after the config's own entries); `lorakit allocate`
+        writes one from a probe of the model, under a parameter budget.
     modules_to_save: modules trained in full and saved with the adapter (e.g. a new classifier head).
     seed: seeds the adapter's initial weights when set; null: the global torch RNG.
     """
