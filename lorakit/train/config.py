@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from lorakit.errors import ConfigError, did_you_mean
+from lorakit.train.rank_pattern_file import read_rank_pattern_file
 from lorakit.train.sections import BOUNDS, CHOICES, SECTION_TYPES, TrainConfig
-
-Problem = tuple[str | None, str]  # (the dotted key it is about, for its location; the message)
+from lorakit.train.yaml_loader import ConfigLoader, Problem
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -46,44 +46,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         _resolve_data_paths(raw, Path(path).parent)
     for item in overrides or []:
         problems += _apply_override(raw, item, where)
-    problems += _read_rank_pattern_file(raw, Path(path).parent if path is not None else None, where)
+    problems += read_rank_pattern_file(raw, Path(path).parent if path is not None else None, where)
     return build_train_config(raw, source=source, where=where, problems=problems)
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """A SafeLoader that records each mapping key's line and every duplicate key: YAML requires unique keys, and
-    PyYAML would silently keep the last value."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.key_lines: dict[str, int] = {}
-        self.duplicates: list[tuple[str, int, int]] = []  # (dotted key, first line, repeated line)
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._check_keys(node, "", set())
-        return super().construct_document(node)
-
-    def _check_keys(self, node: yaml.Node, path: str, seen: set[int]) -> None:
-        if id(node) in seen:  # an alias met again (aliases may even make a cycle)
-            return
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._check_keys(item, f"{path}[{i}]", seen)
-        if not isinstance(node, yaml.MappingNode):
-            return
-        first: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue  # `<<: *defaults` may be overridden by later keys; complex keys fail in construction
-            name = f"{path}.{key_node.value}" if path else str(key_node.value)
-            line = key_node.start_mark.line + 1
-            identity = (key_node.tag, key_node.value)
-            if identity in first:
-                self.duplicates.append((name, first[identity], line))
-            first.setdefault(identity, line)
-            self.key_lines[name] = line
-            self._check_keys(value_node, name, seen)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int, int]]]:
@@ -102,7 +66,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int], list[tuple[s
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError([f"{path}: byte 0x{data[e.start]:02x} at byte offset {e.start} (line {line}) is not "
                            f"UTF-8; save the config as UTF-8"]) from None
-    loader = _ConfigLoader(text)
+    loader = ConfigLoader(text)
     try:
         value = loader.get_single_data()
     except yaml.YAMLError as e:
@@ -136,93 +100,6 @@ def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
             data[key] = str(base / value)
 
 
-def _read_rank_pattern_file(raw: dict[str, Any], base: Path | None, where: dict[str, str]) -> list[Problem]:
-    """lora.rank_pattern given as a path: replaced by the YAML mapping of module names to ranks the file holds
-    (what `lorakit allocate` writes). An entry may also be `{rank: R, alpha: A}`: R goes to lora.rank_pattern and A
-    to lora.alpha_pattern, after the config's own alpha_pattern entries (the first matching pattern wins, so the
-    config's come first). A relative path set in the YAML config is looked up from the working directory first,
-    then from the config's directory `base` (as data paths are); a flag's from the working directory only. A file
-    that is missing, unreadable or not such a mapping, and each bad entry, is a problem naming the key."""
-    lora = raw.get("lora")
-    value = lora.get("rank_pattern") if isinstance(lora, dict) else None
-    if not isinstance(value, str) or not isinstance(lora, dict):
-        return []
-    key, file = "lora.rank_pattern", Path(value).expanduser()
-    if base is not None and not where.get(key, "").startswith("flag ") and not file.is_absolute() \
-            and not file.exists() and (base / file).exists():
-        file = base / file
-    del lora["rank_pattern"]  # on any problem below the default stands, so it is reported once
-    hint = "give a YAML file mapping module names to ranks (lorakit allocate writes one) or the mapping itself"
-    if not file.is_file():
-        return [(key, f"{key} file {value!r} {'is a directory' if file.is_dir() else 'does not exist'}; {hint}")]
-    loader: _ConfigLoader | None = None
-    try:
-        loader = _ConfigLoader(file.read_bytes().decode("utf-8-sig"))
-        data = loader.get_single_data()
-    except OSError as e:
-        return [(key, f"cannot read {key} file {value!r}: {e.strerror or e}")]
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        return [(key, f"{key} file {value!r} is not UTF-8 YAML ({getattr(e, 'problem', None) or e}); {hint}")]
-    finally:
-        if loader is not None:
-            loader.dispose()
-    if not isinstance(data, dict):
-        kind = "nothing" if data is None else f"a YAML {type(data).__name__}"
-        return [(key, f"{key} file {value!r} holds {kind}, not a mapping of module names to ranks; {hint}")]
-    problems: list[Problem] = [(key, f"{key} file {value!r} line {second}: duplicate module {name} (first at line "
-                                     f"{first}); delete one") for name, first, second in loader.duplicates]
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    bad: list[str] = []
-    for name, entry in data.items():
-        if isinstance(name, str) and isinstance(entry, dict):
-            rank, alpha, text = _pattern_entry(entry)
-            if text:
-                line = loader.key_lines.get(name)
-                problems.append((key, f"{key} file {value!r} entry {name!r}{f' (line {line})' if line else ''}: "
-                                      f"{text}"))
-            elif rank is not None:
-                ranks[name] = rank
-                if alpha is not None:
-                    alphas[name] = alpha
-        elif isinstance(name, str) and _positive_int(entry):
-            ranks[name] = entry
-        else:
-            bad.append(f"{name!r}: {entry!r}")
-    if bad:
-        problems.append((key, f"{key} file {value!r}: ranks must be positive ints (or {{rank: R, alpha: A}}) keyed "
-                              f"by module names; bad entries: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"))
-    if not problems:
-        lora["rank_pattern"] = ranks
-        own = lora.get("alpha_pattern")
-        if alphas and isinstance(own, dict | None):  # a bad alpha_pattern is reported by the type check
-            lora["alpha_pattern"] = {**(own or {}), **{k: a for k, a in alphas.items() if k not in (own or {})}}
-    return problems
-
-
-_ENTRY_KEYS = ("rank", "alpha")
-
-
-def _pattern_entry(entry: dict[Any, Any]) -> tuple[int | None, float | None, str]:
-    """A rank-pattern file's `{rank: R, alpha: A}` entry: (rank, alpha or None, problems; '' when none)."""
-    problems = [f"unknown key {k!r}{did_you_mean(str(k), _ENTRY_KEYS)}" for k in entry if k not in _ENTRY_KEYS]
-    rank, alpha = entry.get("rank"), entry.get("alpha")
-    if "rank" not in entry:
-        problems.append("no rank")
-    elif not _positive_int(rank):
-        problems.append(f"rank must be a positive int, got {rank!r}")
-    if "alpha" in entry and (isinstance(alpha, bool) or not isinstance(alpha, int | float)
-                             or not math.isfinite(alpha) or alpha <= 0):
-        problems.append(f"alpha must be a positive number, got {alpha!r}")
-    if problems:
-        return None, None, "; ".join(problems) + "; write the entry as a rank or {rank: R, alpha: A}"
-    return rank, None if alpha is None else float(alpha), ""
-
-
-def _positive_int(value: Any) -> bool:
-    return type(value) is int and value > 0
-
-
 def _first_file(value: str) -> str:
     """The source file of a `PREFIX.{SRC,TGT}` parallel spec, else `value`."""
     head, brace, rest = value.rpartition("{")
@@ -241,7 +118,7 @@ def _apply_override(raw: dict[str, Any], item: str, where: dict[str, str]) -> li
     where.setdefault(section, flag)
     where[f"{section}.{name}"] = flag
     try:
-        value = yaml.load(text, Loader=_ConfigLoader) if text != "" else ""
+        value = yaml.load(text, Loader=ConfigLoader) if text != "" else ""
     except yaml.YAMLError:
         value = text  # not YAML: the type check names the key and the value
     if raw.get(section) is None:
