@@ -140,7 +140,7 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
     need = minimum_budget(costs, min_rank)
     if total < need:  # the same check allocate_ranks makes, before the probe's minutes rather than after
         raise LorakitError(f"a budget of {total:,} adapter parameters is below rank {min_rank} on every module: the "
-                           f"{len(names)} modules config.lora targets need at least {need:,}; raise the budget to "
+                           f"{len(names)} modules that lora.targets selects need at least {need:,}; raise the budget to "
                            f"{need:,} or more")
     device = _device(config.run.device)
     model.to(device)
