@@ -199,12 +199,13 @@ def _container(hint: Any) -> str | None:
 
 def dir_name(point: GridPoint) -> str:
     """A directory name for the point: `lora.rank=4,lora.targets=query+value`. List (or mapping) items are joined
-    with `+`, anything outside letters, digits and `._=+,-` becomes `_`; an overlong name is cut and given a hash."""
+    with `+` (`empty` for `[]` or `{}`), anything outside letters, digits and `._=+,-` becomes `_`; an overlong name
+    is cut and given a hash."""
     parts = []
     for key, text in point.settings:
         value = text
         if text[:1] + text[-1:] in ("[]", "{}"):
-            value = "+".join(v.strip().strip("'\"") for v in split_values(text[1:-1])[0])
+            value = "+".join(v.strip().strip("'\"") for v in split_values(text[1:-1])[0]) or "empty"
         parts.append(f"{key}={value}")
     name = re.sub(r"[^A-Za-z0-9._=+,-]+", "_", ",".join(parts)).strip("_") or "point"
     if len(name) > _MAX_DIR_NAME:

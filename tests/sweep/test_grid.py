@@ -74,6 +74,7 @@ def test_directory_names_read_like_the_point_and_keep_list_items() -> None:
     point = GridPoint((("lora.targets", "[query, value]"), ("lora.rank", "4")))
     assert dir_name(point) == "lora.targets=query+value,lora.rank=4"
     assert dir_name(GridPoint((("data.train", "../a b/x.tsv"),))) == "data.train=.._a_b_x.tsv"
+    assert dir_name(GridPoint((("lora.rank_pattern", "{}"), ("run.seed", "1")))) == "lora.rank_pattern=empty,run.seed=1"
 
 
 def test_an_overlong_directory_name_is_cut_and_stays_distinct() -> None:
