@@ -139,9 +139,9 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
     total = budget_for(costs, budget=budget, like_rank=like_rank)
     need = minimum_budget(costs, min_rank)
     if total < need:  # the same check allocate_ranks makes, before the probe's minutes rather than after
-        raise LorakitError(f"a budget of {total:,} adapter parameters is below rank {min_rank} on every module: the "
-                           f"{len(names)} modules that lora.targets selects need at least {need:,}; raise the budget to "
-                           f"{need:,} or more")
+        raise LorakitError(f"a budget of {total:,} adapter parameters is below rank {min_rank} on every module: "
+                           f"the {len(names)} modules that lora.targets selects need at least {need:,}; raise the "
+                           f"budget to {need:,} or more")
     device = _device(config.run.device)
     model.to(device)
     batches = probe_batch_list(task, prepared.train, config, probe_batches, device)

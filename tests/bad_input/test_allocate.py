@@ -43,8 +43,9 @@ def train_with_pattern(value: str, *, in_yaml: bool = False) -> Setup:
 OUT = "--out={tmp}/pattern.yaml"
 CASES = [
     pytest.param(allocate("--budget", "100", OUT),
-                 r"a budget of 100 adapter parameters is below rank 1 on every module: the 4 modules that lora\.targets "
-                 r"selects need at least 256; raise the budget to 256 or more", id="budget-below-one-rank-each"),
+                 r"a budget of 100 adapter parameters is below rank 1 on every module: the 4 modules that "
+                 r"lora\.targets selects need at least 256; raise the budget to 256 or more",
+                 id="budget-below-one-rank-each"),
     pytest.param(allocate("--budget", "1000", "--like-rank", "2", OUT),
                  r"argument --like-rank: not allowed with argument --budget", id="budget-and-like-rank"),
     pytest.param(allocate(OUT), r"one of the arguments --budget --like-rank is required", id="no-budget"),
