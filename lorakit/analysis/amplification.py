@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lorakit.analysis.spectrum import FactorSVD
 from lorakit.init import randomized_svd
+from lorakit.lowrank import FactorSVD
 
 # Pretrained W has a flat spectrum, which a randomized SVD resolves slowly: on SmolLM2's projections (q, k, up,
 # down of layers 0, 15, 29; r = 16) √Σσᵢ² came out at most 2.9% low with 4 iterations, 1.4% with 6, 0.7% with 8.

@@ -5,7 +5,7 @@
     analysis = analyze_adapter("runs/mt/adapter", texts=prompts)          # tokens promoted/suppressed on prompts
     analysis.summary(); analysis.as_json()
 
-Per module: the singular values of ΔW (from its factors, `spectrum.factor_svd`), stable and effective rank and
+Per module: the singular values of ΔW (from its factors, `lowrank.factor_svd`), stable and effective rank and
 energy at each rank; with the base loaded, ΔW against W (`amplification`, Hu et al. 2021 §7.3) and, for a causal LM,
 the tokens ΔW's output directions promote (`tokens`), oriented and averaged on `texts` when given (`probe`). With a
 second adapter, φ between the two (§7.2, `subspace`)
@@ -24,7 +24,7 @@ from lorakit.analysis.amplification import Amplification, amplifications
 from lorakit.analysis.base import Base, base_name, base_weights, head_for, load_base
 from lorakit.analysis.factors import AdapterFactors, check_comparable, module_kind_and_layer, read_factors
 from lorakit.analysis.probe import MAX_TEXTS, MAX_TOKENS, InputProbe, probe_inputs
-from lorakit.analysis.spectrum import FactorSVD, effective_rank, energy, factor_svd, stable_rank
+from lorakit.analysis.spectrum import effective_rank, energy, stable_rank
 from lorakit.analysis.subspace import phi_grid, right_singular_vectors
 from lorakit.analysis.tokens import (
     RESIDUAL_WRITERS,
@@ -38,6 +38,7 @@ from lorakit.analysis.tokens import (
 from lorakit.errors import LorakitError
 from lorakit.init import principal_factors
 from lorakit.io import load_adapter
+from lorakit.lowrank import FactorSVD, factor_svd
 
 
 @dataclass

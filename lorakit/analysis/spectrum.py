@@ -1,8 +1,7 @@
 """The spectrum of ΔW from its factors, and the numbers that summarise it.
 
-`factor_svd` gives the exact thin SVD of ΔW = left · right (left (m, k), right (k, n), k small) without forming the
-(m, n) product: left = Q_l R_l and rightᵀ = Q_r R_r (two thin QRs), so ΔW = Q_l (R_l R_rᵀ) Q_rᵀ and the SVD of the
-k x k core R_l R_rᵀ = X S Yᵀ gives U = Q_l X, V = Q_r Y. Cost O((m + n) k²) against O(m n min(m, n)).
+The singular values come from `lorakit.lowrank.factor_svd` (the exact thin SVD of ΔW = left · right from two QRs
+and a k x k SVD, re-exported here); from them:
 
 - stable rank: ‖ΔW‖_F² / ‖ΔW‖_2² = Σσᵢ² / σ₁² (Rudelson & Vershynin 2007), between 1 and the rank;
 - effective rank: exp(H(p)), pᵢ = σᵢ / Σσⱼ, H the Shannon entropy (Roy & Vetterli 2007);
@@ -14,31 +13,12 @@ A zero ΔW (an untrained adapter) has stable and effective rank 0 and energy 0 a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from lorakit.lowrank import FactorSVD, factor_svd
 
-@dataclass
-class FactorSVD:
-    """ΔW = U diag(S) Vᵀ: U (m, k) and V (n, k) with orthonormal columns, S (k,) descending, float64."""
-
-    u: Tensor
-    s: Tensor
-    v: Tensor
-
-
-def factor_svd(left: Tensor, right: Tensor) -> FactorSVD:
-    """The thin SVD of left @ right (left (m, k), right (k, n)), exactly, through QRs of the factors and the SVD
-    of a k x k core; computed in float64."""
-    if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
-        raise ValueError(f"factor_svd needs left (m, k) and right (k, n), got {tuple(left.shape)} and "
-                         f"{tuple(right.shape)}")
-    q_left, r_left = torch.linalg.qr(left.double())  # (m, p), (p, k)
-    q_right, r_right = torch.linalg.qr(right.double().T)  # (n, q), (q, k)
-    x, s, yh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)  # core (p, q)
-    return FactorSVD(q_left @ x, s, q_right @ yh.T)
+__all__ = ["FactorSVD", "effective_rank", "energy", "factor_svd", "stable_rank"]
 
 
 def stable_rank(s: Tensor) -> float:

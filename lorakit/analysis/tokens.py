@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.analysis.factors import module_kind_and_layer
 from lorakit.analysis.probe import InputProbe
-from lorakit.analysis.spectrum import FactorSVD
+from lorakit.lowrank import FactorSVD
 
 # The last projection of an attention or MLP block, which writes into the residual stream, by architecture.
 RESIDUAL_WRITERS = ("o_proj", "down_proj", "c_proj", "out_proj", "dense_4h_to_h", "fc2", "wo", "w2")
