@@ -192,6 +192,30 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from lorakit.compress import prune_adapter
+
+    report = prune_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy, force=args.force,
+                           principal=args.principal)
+    if args.json:
+        print(_json(report.as_json()))
+        return 0
+    kinds: dict[str, list[Any]] = {}
+    for m in report.modules:
+        kinds.setdefault(m.kind, []).append(m)
+    _print_table([("module kind", "rank before -> after, discarded share of ‖ΔW‖²")] + [
+        (kind, f"{_span([m.rank_before for m in ms])} -> {_span([m.rank_after for m in ms])}, "
+               f"{max(m.discarded for m in ms):.3g} at most") for kind, ms in kinds.items()])
+    print(f"{report.bytes_before:,} -> {report.bytes_after:,} bytes, {report.parameters_before:,} -> "
+          f"{report.parameters_after:,} parameters; {report.discarded:.3g} of Σ‖ΔW‖² discarded; written to "
+          f"{report.out}")
+    return 0
+
+
+def _span(values: list[int]) -> str:
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
 def _json(value: Any) -> str:
     """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
     from lorakit.train.evaluate import finite_metrics
@@ -227,6 +251,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                  "data; writes a rank_pattern file", cmd_allocate),
     "sweep": ("train the product of listed config values (--lora.rank=1,2,4), resumably; a results table and a "
               "Pareto plot", cmd_sweep),
+    "prune": ("cut a trained adapter's ranks to its top singular directions (--rank R or --energy E); writes a "
+              "smaller PEFT-layout adapter", cmd_prune),
 }
 
 
@@ -328,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "may hold line breaks), run through the adapted causal LM: the token directions "
                                     "are oriented to what the update promotes on them, with its mean effect")
     parsers["analyze"].add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    prune = parsers["prune"]
+    prune.add_argument("adapter", help="a trained adapter directory (lorakit's or PEFT's)")
+    keep = prune.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--rank", type=int, help="keep the top R singular directions of every module's ΔW")
+    keep.add_argument("--energy", type=float, help="keep per module the fewest directions holding this share of "
+                      "‖ΔW‖_F², in (0, 1]")
+    prune.add_argument("--out", required=True, help="directory for the pruned adapter (new or empty)")
+    prune.add_argument("--principal", choices=("convert",), help="for a principal (PiSSA) adapter: prune its "
+                       "update s·(BA - B₀A₀) on the original base and save a standard adapter")
+    prune.add_argument("--force", action="store_true", help="replace an earlier pruned adapter at --out")
+    prune.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
 
 
