@@ -26,6 +26,8 @@ def record_result(entry: dict[str, Any], json_path: str | Path) -> None:
     JSON list at `json_path` and rewrite the Markdown table beside it (same name, `.md`)."""
     json_path = Path(json_path)
     entries = read_results(json_path)
+    if isinstance(entry.get("data"), str):  # a config's data path is resolved beside it (`recipes/../../shared/..`)
+        entry = {**entry, "data": os.path.normpath(entry["data"])}
     entry = {**entry, "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     entries.append(entry)
@@ -61,8 +63,7 @@ def train_record(summary: dict[str, Any], data: str, command: str, note: str | N
     """The entry `lorakit train --record` appends: the run's summary (`TrainSummary.as_json()`), its data file,
     the trainable share and the command that produced it."""
     share = 100 * summary["trainable_params"] / max(summary["total_params"], 1)
-    # A config's data paths are resolved beside it (`recipes/../../shared/...`): the table shows the plain path.
-    return {**summary, "data": os.path.normpath(data), "trainable_pct": share, "command": command, "note": note}
+    return {**summary, "data": data, "trainable_pct": share, "command": command, "note": note}
 
 
 def check_results_file(json_path: str | Path) -> None:

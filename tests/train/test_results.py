@@ -12,9 +12,13 @@ def _summary(value: float) -> dict:
             "trainable_params": 10, "total_params": 1000, "steps": 5, "train_seconds": 1.0}
 
 
-def test_train_record_shows_a_config_relative_data_path_plainly():
-    entry = train_record(_summary(0.5), "recipes/../../shared/data/sst2/train.tsv", "lorakit train x.yaml")
-    assert entry["data"] == "../shared/data/sst2/train.tsv" and entry["trainable_pct"] == 1.0
+def test_a_recorded_config_relative_data_path_is_shown_plainly(tmp_path):
+    path = tmp_path / "results.json"
+    record_result(train_record(_summary(0.5), "recipes/../../shared/data/sst2/train.tsv", "lorakit train x.yaml"), path)
+    record_result({**_summary(0.6), "data": "recipes/../../shared/data/sst2/dev.tsv", "command": "lorakit eval"}, path)
+    entries = json.loads(path.read_text())
+    assert [e["data"] for e in entries] == ["../shared/data/sst2/train.tsv", "../shared/data/sst2/dev.tsv"]
+    assert entries[0]["trainable_pct"] == 1.0
 
 
 def test_rows_and_their_commands_share_a_number_and_a_repeated_note_is_shown_once(tmp_path):
