@@ -51,7 +51,9 @@ def fingerprint(model: nn.Module, targets: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
+def adapter_checksum(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the tensors' names and bytes in name order: the `lorakit_checksum` an adapter file's header
+    holds, checked on every read."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(key.encode())
@@ -85,7 +87,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
         "lorakit_format": FORMAT_VERSION,
         "lorakit_fingerprint": fingerprint(model, state.adapted),
         "lorakit_base_model": str(base or ""),
-        "lorakit_checksum": _checksum(tensors),
+        "lorakit_checksum": adapter_checksum(tensors),
     }
     peft_json = peft_config(model, config, base, doubled=convert_principal)
     principal = None
@@ -142,7 +144,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], d
     if not isinstance(config, dict):
         raise LorakitError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     tensors, metadata = _read_safetensors(weights_path)
-    if "lorakit_checksum" in metadata and _checksum(tensors) != metadata["lorakit_checksum"]:
+    if "lorakit_checksum" in metadata and adapter_checksum(tensors) != metadata["lorakit_checksum"]:
         raise LorakitError(f"{weights_path} is corrupted (checksum mismatch); re-save or re-copy the adapter")
     broken = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:

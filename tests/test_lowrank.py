@@ -5,24 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close
+from lowrank_factors import factors_with_spectrum
 
 from lorakit.lowrank import factor_svd
-
-
-def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
-
-
-def _factors_with_spectrum(sigma: list[float], m: int = 40, n: int = 30, seed: int = 0):
-    """left (m, r), right (r, n) with left @ right = U diag(sigma) Vᵀ, mixed by a random invertible r x r G so
-    that neither factor is itself orthogonal."""
-    r = len(sigma)
-    u, v = _orthonormal(m, r, seed), _orthonormal(n, r, seed + 1)
-    g = torch.randn(r, r, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) + 3 * torch.eye(r)
-    left = u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ g
-    right = torch.linalg.solve(g, v.T)
-    return left, right
 
 
 def test_factor_svd_matches_the_svd_of_the_dense_product():
@@ -38,7 +23,7 @@ def test_factor_svd_matches_the_svd_of_the_dense_product():
 
 
 def test_factor_svd_singular_vectors_span_the_dense_ones():
-    left, right = _factors_with_spectrum([5.0, 3.0, 2.0, 1.0])
+    left, right = factors_with_spectrum([5.0, 3.0, 2.0, 1.0])
     u, _, vh = torch.linalg.svd(left @ right, full_matrices=False)
     svd = factor_svd(left, right)
     for k in range(1, 5):  # distinct singular values: each top-k subspace is unique, compare projectors
@@ -47,14 +32,14 @@ def test_factor_svd_singular_vectors_span_the_dense_ones():
 
 
 def test_factor_svd_of_fp32_factors_is_computed_in_float64():
-    left, right = _factors_with_spectrum([2.0, 1.0])
+    left, right = factors_with_spectrum([2.0, 1.0])
     svd = factor_svd(left.float(), right.float())
     assert svd.s.dtype == svd.u.dtype == svd.v.dtype == torch.float64
     assert_close(svd.s, torch.tensor([2.0, 1.0], dtype=torch.float64), "fp32 vs float64 formula")
 
 
 def test_factor_svd_of_a_rank_deficient_product_has_zero_trailing_values():
-    left, right = _factors_with_spectrum([4.0, 1.0])
+    left, right = factors_with_spectrum([4.0, 1.0])
     wide_left = torch.cat([left, left[:, :1]], dim=1)  # (m, 3): ΔW = left @ right + left[:, 0] ⊗ 0
     wide_right = torch.cat([right, torch.zeros(1, right.shape[1], dtype=torch.float64)], dim=0)
     s = factor_svd(wide_left, wide_right).s

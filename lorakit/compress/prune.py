@@ -32,7 +32,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.export import MERGED_KIND
 from lorakit.fileio import atomic_write_dir
-from lorakit.io import PRINCIPAL_NAME, WEIGHTS_NAME, _checksum, read_adapter
+from lorakit.io import PRINCIPAL_NAME, WEIGHTS_NAME, adapter_checksum, read_adapter
 from lorakit.lowrank import factor_svd
 from lorakit.outputs import MARK_NAME, claim_output_dir, output_kind
 from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key
@@ -142,7 +142,7 @@ def prune_adapter(adapter_dir: str | Path, out_dir: str | Path, *, rank: int | N
         root = (svd.s[:k] / new_config.scaling_for(name)).sqrt()  # (k,)
         out_tensors[kb] = (svd.u[:, :k] * root).to(tensors[kb].dtype).contiguous()  # (out, k)
         out_tensors[ka] = (root[:, None] * svd.v[:, :k].T).to(tensors[ka].dtype).contiguous()  # (k, in)
-    new_meta = dict(metadata) | ({"lorakit_checksum": _checksum(out_tensors)} if "lorakit_checksum" in metadata
+    new_meta = dict(metadata) | ({"lorakit_checksum": adapter_checksum(out_tensors)} if "lorakit_checksum" in metadata
                                  else {})
     weights = save_safetensors(out_tensors, metadata=new_meta)
     claim_output_dir(out_dir, kind=PRUNED_KIND, force=force, inputs=[source])

@@ -6,29 +6,14 @@ import math
 
 import torch
 from conftest import approx
+from lowrank_factors import factors_with_spectrum
 
 from lorakit.analysis.spectrum import effective_rank, energy, factor_svd, stable_rank
 
 
-def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
-
-
-def _factors_with_spectrum(sigma: list[float], m: int = 40, n: int = 30, seed: int = 0):
-    """left (m, r), right (r, n) with left @ right = U diag(sigma) Vᵀ, mixed by a random invertible r x r G so
-    that neither factor is itself orthogonal."""
-    r = len(sigma)
-    u, v = _orthonormal(m, r, seed), _orthonormal(n, r, seed + 1)
-    g = torch.randn(r, r, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) + 3 * torch.eye(r)
-    left = u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ g
-    right = torch.linalg.solve(g, v.T)
-    return left, right
-
-
 def test_rank_numbers_of_a_known_spectrum_follow_their_formulas():
     sigma = [3.0, 2.0, 1.0, 0.5]
-    s = factor_svd(*_factors_with_spectrum(sigma)).s
+    s = factor_svd(*factors_with_spectrum(sigma)).s
     squares = [x * x for x in sigma]
     assert stable_rank(s) == approx(sum(squares) / squares[0], "float64 reordered")
     p = [x / sum(sigma) for x in sigma]
