@@ -7,13 +7,14 @@ exception prints one line and exits with code 1 (its traceback with -v). Heavy i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lorakit.cli_output import json_line, print_table
+from lorakit.cli_tools import TOOL_COMMANDS, add_tool_flags
 from lorakit.errors import LorakitError
 
 
@@ -52,11 +53,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_from_config(config, resume=args.resume, force=args.force, progress=not args.quiet)
     if not World.from_env().is_main:  # under torchrun, rank 0 reports for the job
         return 0
-    _print_table(summary.table())
+    print_table(summary.table())
     if args.record:
         command = " ".join(["lorakit", "train", args.config, *args.overrides, *(["--resume"] if args.resume else [])])
         record_result(train_record(summary.as_json(), config.data.train, command, args.note), args.record)
-    print(_json(summary.as_json()))
+    print(json_line(summary.as_json()))
     return 0
 
 
@@ -73,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
                             *(["--adapter", args.adapter] if args.adapter else [])])
         record_result(evaluation.record(command, args.note), args.record)
-    print(_json(evaluation.metrics))
+    print(json_line(evaluation.metrics))
     return 0
 
 
@@ -124,9 +125,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_adapter(args.adapter)
     if args.json:
-        print(_json(info))
+        print(json_line(info))
     else:
-        _print_table([(k, str(v)) for k, v in info.items()])
+        print_table([(k, str(v)) for k, v in info.items()])
     return 0
 
 
@@ -134,93 +135,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.demo import run_demo
 
     result = run_demo(out_dir=Path(args.out), force=args.force, progress=not args.quiet, echo=print)
-    print(_json(result))
+    print(json_line(result))
     return 0
-
-
-def cmd_allocate(args: argparse.Namespace) -> int:
-    from lorakit.allocation.allocate import allocate_from_config, check_budget_args
-    from lorakit.allocation.pattern_file import check_output_file, summary_rows, write_rank_pattern
-    from lorakit.train.config import load_train_config
-
-    check_budget_args(args.budget, args.like_rank)
-    config = load_train_config(args.config, args.overrides)
-    check_output_file(args.out, force=args.force, inputs=[args.config])  # before the model loads
-    allocation = allocate_from_config(config, budget=args.budget, like_rank=args.like_rank, probe=args.probe,
-                                      probe_batches=args.probe_batches, max_rank=args.max_rank,
-                                      scaling=args.scaling)
-    flags = [f"--budget {args.budget}" if args.budget is not None else f"--like-rank {args.like_rank}",
-             f"--probe {args.probe}", f"--probe-batches {args.probe_batches}",
-             *([f"--max-rank {args.max_rank}"] if args.max_rank is not None else []), f"--scaling {args.scaling}",
-             f"--out {args.out}"]
-    command = " ".join(["lorakit", "allocate", args.config, *args.overrides, *flags])
-    out = write_rank_pattern(args.out, allocation, command=command, force=args.force, inputs=[args.config])
-    _print_table([("module kind", "ranks")] + summary_rows(allocation.ranks))
-    print(f"budget {allocation.budget:,}, used {allocation.used:,} adapter parameters (uniform-equivalent rank "
-          f"{allocation.uniform_equivalent:.2f}); {args.probe} probe on {allocation.probe_batches} batches in "
-          f"{allocation.probe_seconds:.1f} s; scaling {args.scaling}; written to {out}")
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorakit.sweep.plan import plan_sweep
-    from lorakit.sweep.report import table_lines
-    from lorakit.sweep.run import run_sweep
-
-    plan = plan_sweep(args.config, args.overrides, out_dir=args.out)  # every point checked before any training
-    result = run_sweep(plan, force=args.force, record=args.record, note=args.note, progress=not args.quiet,
-                       echo=lambda line: print(line, file=sys.stderr, flush=True))
-    print("\n".join(table_lines(plan.metric, result.rows)))
-    print(f"{len(result.trained)} trained, {len(result.skipped)} finished earlier; sweep.json, sweep.md and "
-          f"pareto.png in {plan.out_dir}")
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from lorakit.analysis import run_analysis
-
-    analysis, report = run_analysis(args.adapter, against=args.against, model=args.model, base=not args.no_base,
-                                    out_dir=args.out, force=args.force, texts=args.texts)
-    summary = analysis.summary() | {"report": str(report) if report else None}
-    if args.json:
-        print(_json(summary))
-    else:
-        _print_table([(k, f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in summary.items()
-                      if v is not None])
-        if report is None:
-            print("(pass --out DIR for the report: analysis.json, figures and report.md)")
-    return 0
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from lorakit.compress import prune_adapter
-
-    report = prune_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy, force=args.force,
-                           principal=args.principal)
-    if args.json:
-        print(_json(report.as_json()))
-        return 0
-    kinds: dict[str, list[Any]] = {}
-    for m in report.modules:
-        kinds.setdefault(m.kind, []).append(m)
-    _print_table([("module kind", "rank before -> after, discarded share of ‖ΔW‖²")] + [
-        (kind, f"{_span([m.rank_before for m in ms])} -> {_span([m.rank_after for m in ms])}, "
-               f"{max(m.discarded for m in ms):.3g} at most") for kind, ms in kinds.items()])
-    print(f"{report.bytes_before:,} -> {report.bytes_after:,} bytes, {report.parameters_before:,} -> "
-          f"{report.parameters_after:,} parameters; {report.discarded:.3g} of Σ‖ΔW‖² discarded; written to "
-          f"{report.out}")
-    return 0
-
-
-def _span(values: list[int]) -> str:
-    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
-
-
-def _json(value: Any) -> str:
-    """Strict JSON (a NaN or infinity becomes null: `NaN` is not JSON and breaks every reader of the line)."""
-    from lorakit.train.evaluate import finite_metrics
-
-    return json.dumps(finite_metrics(value) if isinstance(value, dict) else value, allow_nan=False)
 
 
 def _quiet_transformers() -> None:
@@ -231,12 +147,6 @@ def _quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _print_table(rows: list[tuple[str, str]]) -> None:
-    width = max((len(k) for k, _ in rows), default=0)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-
-
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune an adapter from a YAML config (flags --section.key=value override it)", cmd_train),
     "eval": ("score a base model or an adapter on a config's evaluation data", cmd_eval),
@@ -245,14 +155,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
     "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
-    "analyze": ("what an adapter's update ΔW learned: spectra, ranks, ΔW against W, subspace similarity, tokens",
-                cmd_analyze),
-    "allocate": ("choose per-module ranks under a parameter budget from a probe of a training config's model and "
-                 "data; writes a rank_pattern file", cmd_allocate),
-    "sweep": ("train the product of listed config values (--lora.rank=1,2,4), resumably; a results table and a "
-              "Pareto plot", cmd_sweep),
-    "prune": ("cut a trained adapter's ranks to its top singular directions (--rank R or --energy E); writes a "
-              "smaller PEFT-layout adapter", cmd_prune),
+    **TOOL_COMMANDS,
 }
 
 
@@ -316,55 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["demo"].add_argument("--out", default="runs/demo", help="where the adapter and merged model go")
     parsers["demo"].add_argument("--quiet", action="store_true", help="no progress bar")
     parsers["demo"].add_argument("--force", action="store_true", help="replace an earlier demo's files at --out")
-    parsers["allocate"].add_argument("config", help="a training YAML file (its model, data, lora.targets, batch size)")
-    parsers["allocate"].add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
-    budget = parsers["allocate"].add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget", type=int, help="adapter parameters in all (LoRA factors A and B)")
-    budget.add_argument("--like-rank", type=int, metavar="R", help="the parameter count of uniform rank R on the "
-                        "same target modules")
-    parsers["allocate"].add_argument("--probe", choices=("gradients", "activations"), default="gradients",
-                                     help="spectra of the loss gradient of each module's weight (LoRA-GA) or of its "
-                                     "inputs (EVA); default: gradients (docs/allocation.md says why)")
-    parsers["allocate"].add_argument("--probe-batches", type=int, default=8, help="training batches to probe")
-    parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
-    parsers["allocate"].add_argument("--scaling", choices=("keep", "per-rank"), default="keep",
-                                     help="keep: each module gets the alpha that keeps the scaling of uniform "
-                                     "lora.rank (PEFT EVA's default); per-rank: lora.alpha shared, scaling alpha/r_m")
-    parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")
-    parsers["allocate"].add_argument("--force", action="store_true", help="replace an existing --out file")
-    parsers["sweep"].add_argument("config", help="a training YAML file, as for train")
-    parsers["sweep"].add_argument("overrides", nargs="*", help="section.key=V1,V2,... values to sweep (a list-valued "
-                                  "key: [a,b],[a,b,c]); section.key=V with one value is fixed for every point")
-    parsers["sweep"].add_argument("--out", help="the sweep's directory (default: <run.out_dir of the config>/sweep)")
-    parsers["sweep"].add_argument("--force", action="store_true", help="replace another sweep's points and tables in "
-                                  "--out (the same sweep is always continued)")
-    parsers["sweep"].add_argument("--record", metavar="JSON", help="append each finished point to this results file")
-    parsers["sweep"].add_argument("--note", help="a remark stored with each recorded point")
-    parsers["sweep"].add_argument("--quiet", action="store_true", help="no training progress bars")
-    parsers["analyze"].add_argument("adapter", help="an adapter directory (lorakit's or PEFT's)")
-    parsers["analyze"].add_argument("--against", metavar="ADAPTER", help="a second adapter on the same base: adds "
-                                    "the subspace similarity φ of the two (LoRA paper §7.2)")
-    parsers["analyze"].add_argument("--model", help="the base model (default: the one the adapter records)")
-    parsers["analyze"].add_argument("--no-base", action="store_true", help="do not load the base: the factors' "
-                                    "spectra only, no ΔW against W and no token projection")
-    parsers["analyze"].add_argument("--out", help="write analysis.json, PNG figures and report.md to this directory "
-                                    "(new or empty); without it only the summary is printed")
-    parsers["analyze"].add_argument("--force", action="store_true", help="replace an earlier analysis at --out")
-    parsers["analyze"].add_argument("--texts", metavar="FILE", help="UTF-8 texts, one per line (a JSON string line "
-                                    "may hold line breaks), run through the adapted causal LM: the token directions "
-                                    "are oriented to what the update promotes on them, with its mean effect")
-    parsers["analyze"].add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    prune = parsers["prune"]
-    prune.add_argument("adapter", help="a trained adapter directory (lorakit's or PEFT's)")
-    keep = prune.add_mutually_exclusive_group(required=True)
-    keep.add_argument("--rank", type=int, help="keep the top R singular directions of every module's ΔW")
-    keep.add_argument("--energy", type=float, help="keep per module the fewest directions holding this share of "
-                      "‖ΔW‖_F², in (0, 1]")
-    prune.add_argument("--out", required=True, help="directory for the pruned adapter (new or empty)")
-    prune.add_argument("--principal", choices=("convert",), help="for a principal (PiSSA) adapter: prune its "
-                       "update s·(BA - B₀A₀) on the original base and save a standard adapter")
-    prune.add_argument("--force", action="store_true", help="replace an earlier pruned adapter at --out")
-    prune.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_tool_flags(parsers)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""The commands that choose ranks, explain adapters and compress them: `allocate`, `sweep`, `analyze`, `prune`.
+
+`add_tool_flags` declares their flags on the subparsers `lorakit.cli` builds, and `lorakit.cli` lists them in its
+command table; each calls one library function and prints. Heavy imports wait for the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lorakit.cli_output import json_line, print_table
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from lorakit.allocation.allocate import allocate_from_config, check_budget_args
+    from lorakit.allocation.pattern_file import check_output_file, summary_rows, write_rank_pattern
+    from lorakit.train.config import load_train_config
+
+    check_budget_args(args.budget, args.like_rank)
+    config = load_train_config(args.config, args.overrides)
+    check_output_file(args.out, force=args.force, inputs=[args.config])  # before the model loads
+    allocation = allocate_from_config(config, budget=args.budget, like_rank=args.like_rank, probe=args.probe,
+                                      probe_batches=args.probe_batches, max_rank=args.max_rank,
+                                      scaling=args.scaling)
+    flags = [f"--budget {args.budget}" if args.budget is not None else f"--like-rank {args.like_rank}",
+             f"--probe {args.probe}", f"--probe-batches {args.probe_batches}",
+             *([f"--max-rank {args.max_rank}"] if args.max_rank is not None else []), f"--scaling {args.scaling}",
+             f"--out {args.out}"]
+    command = " ".join(["lorakit", "allocate", args.config, *args.overrides, *flags])
+    out = write_rank_pattern(args.out, allocation, command=command, force=args.force, inputs=[args.config])
+    print_table([("module kind", "ranks")] + summary_rows(allocation.ranks))
+    print(f"budget {allocation.budget:,}, used {allocation.used:,} adapter parameters (uniform-equivalent rank "
+          f"{allocation.uniform_equivalent:.2f}); {args.probe} probe on {allocation.probe_batches} batches in "
+          f"{allocation.probe_seconds:.1f} s; scaling {args.scaling}; written to {out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorakit.sweep.plan import plan_sweep
+    from lorakit.sweep.report import table_lines
+    from lorakit.sweep.run import run_sweep
+
+    plan = plan_sweep(args.config, args.overrides, out_dir=args.out)  # every point checked before any training
+    result = run_sweep(plan, force=args.force, record=args.record, note=args.note, progress=not args.quiet,
+                       echo=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(table_lines(plan.metric, result.rows)))
+    print(f"{len(result.trained)} trained, {len(result.skipped)} finished earlier; sweep.json, sweep.md and "
+          f"pareto.png in {plan.out_dir}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from lorakit.analysis import run_analysis
+
+    analysis, report = run_analysis(args.adapter, against=args.against, model=args.model, base=not args.no_base,
+                                    out_dir=args.out, force=args.force, texts=args.texts)
+    summary = analysis.summary() | {"report": str(report) if report else None}
+    if args.json:
+        print(json_line(summary))
+    else:
+        print_table([(k, f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in summary.items()
+                      if v is not None])
+        if report is None:
+            print("(pass --out DIR for the report: analysis.json, figures and report.md)")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from lorakit.compress import prune_adapter
+
+    report = prune_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy, force=args.force,
+                           principal=args.principal)
+    if args.json:
+        print(json_line(report.as_json()))
+        return 0
+    kinds: dict[str, list[Any]] = {}
+    for m in report.modules:
+        kinds.setdefault(m.kind, []).append(m)
+    print_table([("module kind", "rank before -> after, discarded share of ‖ΔW‖²")] + [
+        (kind, f"{_span([m.rank_before for m in ms])} -> {_span([m.rank_after for m in ms])}, "
+               f"{max(m.discarded for m in ms):.3g} at most") for kind, ms in kinds.items()])
+    print(f"{report.bytes_before:,} -> {report.bytes_after:,} bytes, {report.parameters_before:,} -> "
+          f"{report.parameters_after:,} parameters; {report.discarded:.3g} of Σ‖ΔW‖² discarded; written to "
+          f"{report.out}")
+    return 0
+
+
+def _span(values: list[int]) -> str:
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "analyze": ("what an adapter's update ΔW learned: spectra, ranks, ΔW against W, subspace similarity, tokens",
+                cmd_analyze),
+    "allocate": ("choose per-module ranks under a parameter budget from a probe of a training config's model and "
+                 "data; writes a rank_pattern file", cmd_allocate),
+    "sweep": ("train the product of listed config values (--lora.rank=1,2,4), resumably; a results table and a "
+              "Pareto plot", cmd_sweep),
+    "prune": ("cut a trained adapter's ranks to its top singular directions (--rank R or --energy E); writes a "
+              "smaller PEFT-layout adapter", cmd_prune),
+}
+
+
+def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
+    """Declare the flags of the commands above on their subparsers."""
+    parsers["allocate"].add_argument("config", help="a training YAML file (its model, data, lora.targets, batch size)")
+    parsers["allocate"].add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    budget = parsers["allocate"].add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=int, help="adapter parameters in all (LoRA factors A and B)")
+    budget.add_argument("--like-rank", type=int, metavar="R", help="the parameter count of uniform rank R on the "
+                        "same target modules")
+    parsers["allocate"].add_argument("--probe", choices=("gradients", "activations"), default="gradients",
+                                     help="spectra of the loss gradient of each module's weight (LoRA-GA) or of its "
+                                     "inputs (EVA); default: gradients (docs/allocation.md says why)")
+    parsers["allocate"].add_argument("--probe-batches", type=int, default=8, help="training batches to probe")
+    parsers["allocate"].add_argument("--max-rank", type=int, help="no module above this rank")
+    parsers["allocate"].add_argument("--scaling", choices=("keep", "per-rank"), default="keep",
+                                     help="keep: each module gets the alpha that keeps the scaling of uniform "
+                                     "lora.rank (PEFT EVA's default); per-rank: lora.alpha shared, scaling alpha/r_m")
+    parsers["allocate"].add_argument("--out", required=True, help="the rank-pattern YAML file to write")
+    parsers["allocate"].add_argument("--force", action="store_true", help="replace an existing --out file")
+    parsers["sweep"].add_argument("config", help="a training YAML file, as for train")
+    parsers["sweep"].add_argument("overrides", nargs="*", help="section.key=V1,V2,... values to sweep (a list-valued "
+                                  "key: [a,b],[a,b,c]); section.key=V with one value is fixed for every point")
+    parsers["sweep"].add_argument("--out", help="the sweep's directory (default: <run.out_dir of the config>/sweep)")
+    parsers["sweep"].add_argument("--force", action="store_true", help="replace another sweep's points and tables in "
+                                  "--out (the same sweep is always continued)")
+    parsers["sweep"].add_argument("--record", metavar="JSON", help="append each finished point to this results file")
+    parsers["sweep"].add_argument("--note", help="a remark stored with each recorded point")
+    parsers["sweep"].add_argument("--quiet", action="store_true", help="no training progress bars")
+    parsers["analyze"].add_argument("adapter", help="an adapter directory (lorakit's or PEFT's)")
+    parsers["analyze"].add_argument("--against", metavar="ADAPTER", help="a second adapter on the same base: adds "
+                                    "the subspace similarity φ of the two (LoRA paper §7.2)")
+    parsers["analyze"].add_argument("--model", help="the base model (default: the one the adapter records)")
+    parsers["analyze"].add_argument("--no-base", action="store_true", help="do not load the base: the factors' "
+                                    "spectra only, no ΔW against W and no token projection")
+    parsers["analyze"].add_argument("--out", help="write analysis.json, PNG figures and report.md to this directory "
+                                    "(new or empty); without it only the summary is printed")
+    parsers["analyze"].add_argument("--force", action="store_true", help="replace an earlier analysis at --out")
+    parsers["analyze"].add_argument("--texts", metavar="FILE", help="UTF-8 texts, one per line (a JSON string line "
+                                    "may hold line breaks), run through the adapted causal LM: the token directions "
+                                    "are oriented to what the update promotes on them, with its mean effect")
+    parsers["analyze"].add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    prune = parsers["prune"]
+    prune.add_argument("adapter", help="a trained adapter directory (lorakit's or PEFT's)")
+    keep = prune.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--rank", type=int, help="keep the top R singular directions of every module's ΔW")
+    keep.add_argument("--energy", type=float, help="keep per module the fewest directions holding this share of "
+                      "‖ΔW‖_F², in (0, 1]")
+    prune.add_argument("--out", required=True, help="directory for the pruned adapter (new or empty)")
+    prune.add_argument("--principal", choices=("convert",), help="for a principal (PiSSA) adapter: prune its "
+                       "update s·(BA - B₀A₀) on the original base and save a standard adapter")
+    prune.add_argument("--force", action="store_true", help="replace an earlier pruned adapter at --out")
+    prune.add_argument("--json", action="store_true", help="print the report as one JSON object")
