@@ -1,11 +1,15 @@
-"""Making adapters smaller after training.
+"""Making adapters smaller after training, and models smaller by factorising their linear layers.
 
     from lorakit.compress import prune_adapter
     report = prune_adapter("runs/sst2/adapter", "runs/sst2/adapter-r2", rank=2)   # what `lorakit prune` does
 
+    factorize   a model's linear layers replaced by low-rank pairs U·Vᵀ (plain or activation-aware SVD)
     prune   rank pruning: the best rank-k approximation of each module's ΔW, from its factors, saved as a PEFT adapter
 """
 
+from lorakit.compress.factorize import FactorizeReport, ModuleFactor, check_factorize_args, factorize
+from lorakit.compress.lowrank_linear import LowRankLinear
 from lorakit.compress.prune import ModulePrune, PruneReport, check_prune_args, prune_adapter
 
-__all__ = ["ModulePrune", "PruneReport", "check_prune_args", "prune_adapter"]
+__all__ = ["FactorizeReport", "LowRankLinear", "ModuleFactor", "ModulePrune", "PruneReport", "check_factorize_args",
+           "check_prune_args", "factorize", "prune_adapter"]
