@@ -41,7 +41,7 @@ METHODS = ("svd", "activation")
 # dependent columns; small enough that the optimum moves by ~1e-6 relatively.
 DAMPING = 1e-6
 
-Calibration = Callable[[nn.Module], object] | Iterable[Mapping[str, Any] | Tensor]
+Calibration = Callable[[nn.Module], object] | Iterable[Mapping[str, Any] | Tensor] | Mapping[str, Any] | Tensor
 
 
 @dataclass
@@ -115,9 +115,9 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
     """Replace the linear layers of `model` matched by `targets` (lorakit's pattern syntax and presets, as for LoRA
     targets; `exclude` removes matches) by `LowRankLinear` pairs, in place, and report each module.
 
-    `calibration` (needed for method "activation"): a callable run as `calibration(model)`, or an iterable of
-    batches, each a dict of model keyword arguments or an input-id tensor; the inputs each chosen layer sees are
-    gathered with forward hooks, under `torch.no_grad()`.
+    `calibration` (needed for method "activation"): a callable run as `calibration(model)`, or batches, each a dict
+    of model keyword arguments or an input-id tensor (one, or an iterable of them); the inputs each chosen layer
+    sees are gathered with forward hooks, under `torch.no_grad()`.
 
     Raises LorakitError, with the model unchanged, for bad arguments, targets that match no linear layer, a rank
     above some module's min(in, out), a ratio too small for rank 1 everywhere, or an empty calibration set.
@@ -212,7 +212,9 @@ def _input_covariances(model: nn.Module, modules: dict[str, nn.Module], names: l
             if callable(calibration):
                 calibration(model)
             else:
-                for batch in calibration or []:
+                # one batch passed bare (a tensor, a dict) is one batch, not an iterable of rows or keys
+                batches = [calibration] if isinstance(calibration, (Tensor, Mapping)) else calibration or []
+                for batch in batches:
                     if isinstance(batch, Tensor):
                         model(input_ids=batch)
                     else:

@@ -150,6 +150,14 @@ def test_activation_aware_output_error_is_the_optimum_from_the_symmetric_square_
     assert report.modules[0].discarded == pytest.approx(optimum / float((s ** 2).sum()), rel=1e-5)
 
 
+def test_a_bare_batch_calibrates_like_a_list_of_one(token_ids):
+    ranks = []
+    for calibration in (token_ids, {"input_ids": token_ids}, [token_ids]):
+        report = factorize(tiny_llama(), ["all-linear"], ratio=0.5, method="activation", calibration=calibration)
+        ranks.append([m.rank for m in report.modules])
+    assert ranks[0] == ranks[1] == ranks[2]
+
+
 class _TwoBranches(nn.Module):
     """Two same-shape linears, the second fed inputs ten times larger."""
 
