@@ -132,6 +132,10 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
         raise LorakitError(f"factorize works on linear layers only; targets also match {', '.join(others)} "
                            f"({', '.join(sorted({type(modules[n]).__name__ for n in others}))}); exclude them")
     names = selection.adapted
+    inside = [n for n in names if isinstance(modules[n.rpartition(".")[0]], LowRankLinear)]
+    if inside:
+        raise LorakitError(f"{', '.join(inside)} already belong to factorised layers; factorise a fresh model, or "
+                           "exclude them (exclude=['down', 'up'])")
     weights = {n: _dense_weight(modules[n]) for n in names}
     if rank is not None:
         too_big = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, relative_error, tiny_bert, tiny_llama
+from conftest import TOLERANCES, assert_close, relative_error, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit.compress import LowRankLinear, factorize
@@ -83,6 +83,23 @@ def test_full_rank_factorization_reproduces_llama_logits(method, token_ids):
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 10
     with torch.no_grad():
         assert_close(model(input_ids=token_ids).logits, expected, "fp32 reordered")
+
+
+def test_full_rank_factorization_of_gpt2_conv1d_layers_reproduces_logits(token_ids):
+    model = tiny_gpt2()
+    with torch.no_grad():
+        expected = model(input_ids=token_ids).logits
+    factorize(model, ["gpt2"], rank=32)
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 8
+    with torch.no_grad():
+        assert_close(model(input_ids=token_ids).logits, expected, "fp32 reordered")
+
+
+def test_factorizing_a_factorized_model_again_raises():
+    model = tiny_llama()
+    factorize(model, ["all-linear"], ratio=0.5)
+    with pytest.raises(LorakitError, match=r"already belong to factorised layers"):
+        factorize(model, ["all-linear"], ratio=0.5)
 
 
 def test_ratio_half_keeps_at_most_half_of_the_chosen_parameters():
