@@ -113,7 +113,15 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
         kwargs["num_labels"] = num_labels
     started = time.perf_counter()
     auto_class = _AUTO_CLASSES[resolved]
-    model = _from_pretrained(name_or_path, local, lambda: auto_class.from_pretrained(source, **kwargs))
+    model: Any
+    if local and (Path(source) / "factorization.json").is_file():  # a lorakit factorised model (LowRankLinear)
+        from lorakit.compress.saved import load_factorized
+
+        if num_labels is not None:
+            config.num_labels = num_labels
+        model = load_factorized(source, auto_class, config, dtype)
+    else:
+        model = _from_pretrained(name_or_path, local, lambda: auto_class.from_pretrained(source, **kwargs))
     tokenizer = _from_pretrained(name_or_path, local,
                                  lambda: AutoTokenizer.from_pretrained(source, local_files_only=local))
     log.info("loaded %s as %s (%s) in %.1f s", name_or_path, type(model).__name__, resolved,

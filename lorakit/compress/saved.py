@@ -1,0 +1,176 @@
+"""Factorised models on disk: a transformers directory whose state dict holds each factorised layer's pair
+(`...q_proj.down.weight`, `...q_proj.up.weight`) plus `factorization.json`, the rank of every factorised module.
+
+    save_factorized(model, tokenizer, "out/f", report)     # after factorize(...)
+    model, tokenizer = load_model("out/f")                  # the factorised model again (LowRankLinear layers)
+    export_dense("out/f", "out/dense")                      # U·Vᵀ multiplied out: a plain transformers checkpoint
+
+`load_model` calls `load_factorized` when the directory holds `factorization.json`: the model is built from its
+config, the recorded modules are replaced by empty `LowRankLinear`s of the recorded ranks, and the weights load
+strictly (a missing or unexpected key is an error, tied weights excepted).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lorakit.compress.factorize import FactorizeReport
+from lorakit.compress.lowrank_linear import LowRankLinear
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_write_bytes
+from lorakit.outputs import claim_output_dir
+
+FACTORIZATION_NAME = "factorization.json"
+KIND = "factorized model"
+DENSE_KIND = "dense model"
+FORMAT = 1
+
+
+def save_factorized(model: nn.Module, tokenizer: Any, out_dir: str | Path, report: FactorizeReport, *,
+                    force: bool = False, command: str | None = None, inputs: Sequence[str | Path] = ()) -> Path:
+    """Write the factorised `model` (safetensors), its `tokenizer` (None: none) and `factorization.json` (per
+    factorised module its rank and shape; the method, the parameter counts and `command`) to `out_dir`, claimed
+    as a lorakit "factorized model" output. Returns the directory.
+
+    Raises LorakitError (nothing written) when `out_dir` may not be written (see `claim_output_dir`) or when a
+    module of the report is not a `LowRankLinear` in `model`.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in report.factorized if not isinstance(modules.get(n), LowRankLinear)]
+    if missing:
+        raise LorakitError(f"{', '.join(missing)} are not factorised layers of this model; pass the report "
+                           "factorize returned for it")
+    claim_output_dir(out_dir, kind=KIND, force=force, inputs=inputs)
+    out = Path(out_dir).expanduser()
+    model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    layers = {m.name: {"rank": m.rank, "out_features": m.shape[0], "in_features": m.shape[1],
+                       "bias": modules[m.name].up.bias is not None}  # type: ignore[union-attr]
+              for m in report.modules if m.rank is not None}
+    record = {"format": FORMAT, "method": report.method, "parameters_before": report.parameters_before,
+              "parameters_after": report.parameters_after, "command": command, "modules": layers}
+    atomic_write_bytes(out / FACTORIZATION_NAME, (json.dumps(record, indent=1) + "\n").encode())
+    return out
+
+
+def is_factorized_dir(path: str | Path) -> bool:
+    return (Path(path).expanduser() / FACTORIZATION_NAME).is_file()
+
+
+def read_factorization(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The recorded modules of a factorised directory: name -> {rank, in_features, out_features, bias}."""
+    file = Path(path).expanduser() / FACTORIZATION_NAME
+    try:
+        record = json.loads(file.read_text())
+        layers = record["modules"]
+        for name, layer in layers.items():
+            if not all(isinstance(layer.get(k), int) and layer[k] >= 1 for k in ("rank", "in_features",
+                                                                                   "out_features")):
+                raise ValueError(f"module {name} lacks a positive rank, in_features or out_features")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LorakitError(f"{file} is not a valid factorization record ({e}); save the model again with "
+                           "save_factorized") from None
+    return dict(layers)
+
+
+def load_factorized(path: str | Path, auto_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """The factorised model saved in `path`: `auto_class.from_config(config)` in `dtype`, its recorded modules
+    replaced by empty `LowRankLinear`s, the safetensors weights loaded strictly. Raises LorakitError naming the
+    missing and unexpected keys."""
+    source = Path(path).expanduser()
+    layers = read_factorization(source)
+    model: nn.Module = auto_class.from_config(config, dtype=dtype)
+    modules = dict(model.named_modules())
+    unknown = [n for n in layers if n not in modules]
+    if unknown:
+        raise LorakitError(f"{source / FACTORIZATION_NAME} names modules the model lacks: {', '.join(unknown)}")
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, LowRankLinear(
+            layer["in_features"], layer["out_features"], layer["rank"], bias=bool(layer.get("bias", True)),
+            dtype=dtype))
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise LorakitError(f"{source} holds no *.safetensors weights; save the model again with save_factorized")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()  # type: ignore[operator]
+    missing = _untied(model, result.missing_keys, set(state))
+    if missing or result.unexpected_keys:
+        raise LorakitError(f"the weights in {source} do not fit its factorization record: missing "
+                           f"{', '.join(missing) or 'none'}; unexpected {', '.join(result.unexpected_keys) or 'none'}")
+    return model
+
+
+def _untied(model: nn.Module, missing: list[str], loaded: set[str]) -> list[str]:
+    """The missing keys that are not tied to a loaded parameter (save_pretrained drops tied copies)."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), set()).add(name)
+    names = {n: by_tensor[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    return [k for k in missing if not (names.get(k, set()) & loaded)]
+
+
+def export_dense(model: nn.Module | str | Path, out_dir: str | Path, *, tokenizer: Any = None,
+                 force: bool = False) -> Path:
+    """Write a plain transformers checkpoint of a factorised model (a directory `load_model` reads, or the model
+    itself) with every `LowRankLinear` multiplied out, W = U·Vᵀ (out, in), into the layer type the architecture
+    has there (`nn.Linear`, or GPT-2's `Conv1D` holding Wᵀ). The model passed is left unchanged. Returns the
+    directory; raises LorakitError when `out_dir` may not be written or the model has no factorised layer."""
+    inputs: list[str | Path] = []
+    if isinstance(model, (str, Path)):
+        from lorakit.models import load_model
+
+        inputs.append(model)
+        model, loaded_tokenizer = load_model(str(model))
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    if not names:
+        raise LorakitError("the model has no factorised (LowRankLinear) layers; nothing to export")
+    claim_output_dir(out_dir, kind=DENSE_KIND, force=force, inputs=inputs)
+    dense = copy.deepcopy(model)
+    with torch.device("meta"):
+        reference = dict(type(model)(model.config).named_modules())  # the architecture's own layer types
+    modules = dict(dense.named_modules())
+    for name in names:
+        low: LowRankLinear = modules[name]  # type: ignore[assignment]
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else dense, child, _dense_layer(low, reference.get(name)))
+    out = Path(out_dir).expanduser()
+    dense.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _dense_layer(low: LowRankLinear, original: nn.Module | None) -> nn.Module:
+    ref = low.up.weight
+    with torch.no_grad():
+        w = low.dense_weight()  # (out, in)
+        bias = low.up.bias
+        if original is not None and type(original).__name__ == "Conv1D":
+            layer: nn.Module = type(original)(low.out_features, low.in_features)
+            layer.to(device=ref.device, dtype=ref.dtype)
+            layer.weight.copy_(w.T)  # type: ignore[operator]
+            if bias is not None:
+                layer.bias.copy_(bias)  # type: ignore[operator]
+            else:
+                layer.bias.zero_()  # type: ignore[operator]
+            return layer
+        linear = nn.Linear(low.in_features, low.out_features, bias=bias is not None, device=ref.device,
+                           dtype=ref.dtype)
+        linear.weight.copy_(w)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear
