@@ -1,4 +1,5 @@
-"""The commands that choose ranks, explain adapters and compress them: `allocate`, `sweep`, `analyze`, `prune`.
+"""The commands that choose ranks, explain adapters and compress them: `allocate`, `sweep`, `analyze`, `prune`,
+`factorize`.
 
 `add_tool_flags` declares their flags on the subparsers `lorakit.cli` builds, and `lorakit.cli` lists them in its
 command table; each calls one library function and prints. Heavy imports wait for the command.
@@ -88,6 +89,52 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_factorize(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from lorakit.analysis.probe import read_texts
+    from lorakit.compress import check_factorize_args, export_dense, factorize, save_factorized
+    from lorakit.compress.saved import DENSE_KIND, KIND
+    from lorakit.errors import LorakitError
+    from lorakit.models import load_model
+    from lorakit.outputs import claim_output_dir
+
+    check_factorize_args(args.rank, args.energy, args.ratio, args.method)
+    if args.method == "activation" and args.calibration_texts is None:
+        raise LorakitError("--method activation needs --calibration-texts FILE (UTF-8 texts, one per line)")
+    texts = read_texts(args.calibration_texts) if args.calibration_texts else []
+    inputs = [args.model, *([args.calibration_texts] if args.calibration_texts else [])]
+    out = Path(args.out).expanduser()
+    existed = out.exists()
+    claim_output_dir(out, kind=DENSE_KIND if args.dense else KIND, force=args.force, inputs=inputs)
+    try:  # a refusal after the claim (a rank too large, calibration that reaches no layer) leaves no directory
+        model, tokenizer = load_model(args.model)
+        calibration = [dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=512)) for t in texts]
+        report = factorize(model, [p.strip() for p in args.targets.split(",")], rank=args.rank, energy=args.energy,
+                           ratio=args.ratio, method=args.method, calibration=calibration or None)
+        if args.dense:
+            export_dense(model, out, tokenizer=tokenizer, force=args.force)
+        else:
+            save_factorized(model, tokenizer, out, report, force=args.force, inputs=inputs,
+                            command=_factorize_command(args))
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(f"{len(report.factorized)} of {len(report.modules)} modules factorised ({args.method}): "
+          f"{report.parameters_before:,} -> {report.parameters_after:,} parameters; "
+          f"{'dense checkpoint' if args.dense else 'factorised model'} written to {out}")
+    return 0
+
+
+def _factorize_command(args: argparse.Namespace) -> str:
+    size = next(f"--{k} {getattr(args, k)}" for k in ("rank", "energy", "ratio") if getattr(args, k) is not None)
+    calibration = [f"--calibration-texts {args.calibration_texts}"] if args.calibration_texts else []
+    return " ".join(["lorakit factorize --model", args.model, size, "--method", args.method, "--targets",
+                     args.targets, *calibration, "--out", args.out])
+
+
 def _span(values: list[int]) -> str:
     return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
@@ -101,6 +148,8 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
               "Pareto plot", cmd_sweep),
     "prune": ("cut a trained adapter's ranks to its top singular directions (--rank R or --energy E); writes a "
               "smaller PEFT-layout adapter", cmd_prune),
+    "factorize": ("replace a model's linear layers by low-rank pairs U·Vᵀ (--rank, --energy or --ratio); writes a "
+                  "model directory load_model reads, or with --dense a plain transformers checkpoint", cmd_factorize),
 }
 
 
@@ -155,3 +204,17 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
                        "update s·(BA - B₀A₀) on the original base and save a standard adapter")
     prune.add_argument("--force", action="store_true", help="replace an earlier pruned adapter at --out")
     prune.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    fac = parsers["factorize"]
+    fac.add_argument("--model", required=True, help="a bundled name, model directory or hub id")
+    size = fac.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the same rank R for every chosen layer (R <= min(fan_in, fan_out))")
+    size.add_argument("--energy", type=float, help="per layer the fewest directions holding this share, in (0, 1]")
+    size.add_argument("--ratio", type=float, help="keep this share of the chosen layers' parameters, in (0, 1]")
+    fac.add_argument("--method", choices=("svd", "activation"), default="svd", help="svd: truncate W; activation: "
+                     "truncate W weighted by its inputs on --calibration-texts (SVD-LLM)")
+    fac.add_argument("--targets", default="all-linear", help="comma-separated presets or patterns, as for LoRA "
+                     "targets (default: all-linear, every linear layer but the output head)")
+    fac.add_argument("--calibration-texts", metavar="FILE", help="UTF-8 texts, one per line, for --method activation")
+    fac.add_argument("--out", required=True, help="directory to write (new or empty)")
+    fac.add_argument("--dense", action="store_true", help="write U·Vᵀ multiplied out: a plain transformers checkpoint")
+    fac.add_argument("--force", action="store_true", help="replace an earlier factorised model at --out")

@@ -104,3 +104,35 @@ def test_export_dense_refuses_a_model_without_factorised_layers(tmp_path):
     with pytest.raises(LorakitError, match="no factorised"):
         export_dense(tiny_llama(), tmp_path / "dense")
     assert not (tmp_path / "dense").exists()
+
+
+def _cli(argv) -> int:
+    from lorakit.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_factorize_writes_a_model_load_model_reads_with_the_printed_parameters(tmp_path, tiny_classifier_dir,
+                                                                                   capsys):
+    (tmp_path / "texts.txt").write_text("a small dog\nthe cat sat on the mat\n")
+    assert _cli(["factorize", "--model", tiny_classifier_dir, "--ratio", "0.5", "--method", "activation",
+                 "--calibration-texts", tmp_path / "texts.txt", "--out", tmp_path / "f"]) == 0
+    printed = capsys.readouterr().out
+    loaded, _ = load_model(str(tmp_path / "f"))
+    after = sum(p.numel() for m in loaded.modules() if isinstance(m, LowRankLinear) for p in m.parameters())
+    assert after > 0 and f"-> {after:,} parameters" in printed
+    record = json.loads((tmp_path / "f" / FACTORIZATION_NAME).read_text())
+    assert record["method"] == "activation" and "--ratio 0.5" in record["command"]
+
+
+def test_cli_factorize_dense_writes_a_plain_checkpoint_with_the_factorised_outputs(tmp_path, tiny_classifier_dir):
+    from transformers import AutoModel
+
+    assert _cli(["factorize", "--model", tiny_classifier_dir, "--rank", "4", "--out", tmp_path / "f"]) == 0
+    assert _cli(["factorize", "--model", tiny_classifier_dir, "--rank", "4", "--dense", "--out", tmp_path / "d"]) == 0
+    factorised, _ = load_model(str(tmp_path / "f"))
+    dense = AutoModel.from_pretrained(tmp_path / "d").eval()
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(dense(input_ids=ids).last_hidden_state, factorised(input_ids=ids).last_hidden_state,
+                     row="fp32 reordered")
