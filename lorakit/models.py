@@ -115,7 +115,7 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
     auto_class = _AUTO_CLASSES[resolved]
     model: Any
     if local and (Path(source) / "factorization.json").is_file():  # a lorakit factorised model (LowRankLinear)
-        from lorakit.compress.saved import load_factorized
+        from lorakit.factorized import load_factorized
 
         if num_labels is not None:
             config.num_labels = num_labels

@@ -9,9 +9,9 @@
 """
 
 from lorakit.compress.factorize import FactorizeReport, ModuleFactor, check_factorize_args, factorize
-from lorakit.compress.lowrank_linear import LowRankLinear
 from lorakit.compress.prune import ModulePrune, PruneReport, check_prune_args, prune_adapter
 from lorakit.compress.saved import export_dense, save_factorized
+from lorakit.factorized import LowRankLinear
 
 __all__ = ["FactorizeReport", "LowRankLinear", "ModuleFactor", "ModulePrune", "PruneReport", "check_factorize_args",
            "check_prune_args", "export_dense", "factorize", "prune_adapter", "save_factorized"]

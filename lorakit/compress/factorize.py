@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorakit.compress.lowrank_linear import LowRankLinear
 from lorakit.errors import LorakitError
+from lorakit.factorized import LowRankLinear
 from lorakit.targets import LINEAR_TYPES, select_modules
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@
     model, tokenizer = load_model("out/f")                  # the factorised model again (LowRankLinear layers)
     export_dense("out/f", "out/dense")                      # U·Vᵀ multiplied out: a plain transformers checkpoint
 
-`load_model` calls `load_factorized` when the directory holds `factorization.json`: the model is built from its
-config, the recorded modules are replaced by empty `LowRankLinear`s of the recorded ranks, and the weights load
-strictly (a missing or unexpected key is an error, tied weights excepted).
+`load_model` calls `lorakit.factorized.load_factorized` when the directory holds `factorization.json`: the model is
+built from its config, the recorded modules are replaced by empty `LowRankLinear`s of the recorded ranks, and the
+weights load strictly (a missing or unexpected key is an error, tied weights excepted).
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.compress.factorize import FactorizeReport
-from lorakit.compress.lowrank_linear import LowRankLinear
 from lorakit.errors import LorakitError
+from lorakit.factorized import FACTORIZATION_NAME, LowRankLinear
 from lorakit.fileio import atomic_write_bytes
 from lorakit.outputs import claim_output_dir
 
-FACTORIZATION_NAME = "factorization.json"
 KIND = "factorized model"
 DENSE_KIND = "dense model"
 FORMAT = 1
@@ -60,66 +58,6 @@ def save_factorized(model: nn.Module, tokenizer: Any, out_dir: str | Path, repor
               "parameters_after": report.parameters_after, "command": command, "modules": layers}
     atomic_write_bytes(out / FACTORIZATION_NAME, (json.dumps(record, indent=1) + "\n").encode())
     return out
-
-
-def is_factorized_dir(path: str | Path) -> bool:
-    return (Path(path).expanduser() / FACTORIZATION_NAME).is_file()
-
-
-def read_factorization(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The recorded modules of a factorised directory: name -> {rank, in_features, out_features, bias}."""
-    file = Path(path).expanduser() / FACTORIZATION_NAME
-    try:
-        record = json.loads(file.read_text())
-        layers = record["modules"]
-        for name, layer in layers.items():
-            if not all(isinstance(layer.get(k), int) and layer[k] >= 1 for k in ("rank", "in_features",
-                                                                                   "out_features")):
-                raise ValueError(f"module {name} lacks a positive rank, in_features or out_features")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LorakitError(f"{file} is not a valid factorization record ({e}); save the model again with "
-                           "save_factorized") from None
-    return dict(layers)
-
-
-def load_factorized(path: str | Path, auto_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
-    """The factorised model saved in `path`: `auto_class.from_config(config)` in `dtype`, its recorded modules
-    replaced by empty `LowRankLinear`s, the safetensors weights loaded strictly. Raises LorakitError naming the
-    missing and unexpected keys."""
-    source = Path(path).expanduser()
-    layers = read_factorization(source)
-    model: nn.Module = auto_class.from_config(config, dtype=dtype)
-    modules = dict(model.named_modules())
-    unknown = [n for n in layers if n not in modules]
-    if unknown:
-        raise LorakitError(f"{source / FACTORIZATION_NAME} names modules the model lacks: {', '.join(unknown)}")
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, LowRankLinear(
-            layer["in_features"], layer["out_features"], layer["rank"], bias=bool(layer.get("bias", True)),
-            dtype=dtype))
-    files = sorted(source.glob("*.safetensors"))
-    if not files:
-        raise LorakitError(f"{source} holds no *.safetensors weights; save the model again with save_factorized")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    result = model.load_state_dict(state, strict=False)
-    model.tie_weights()  # type: ignore[operator]
-    missing = _untied(model, result.missing_keys, set(state))
-    if missing or result.unexpected_keys:
-        raise LorakitError(f"the weights in {source} do not fit its factorization record: missing "
-                           f"{', '.join(missing) or 'none'}; unexpected {', '.join(result.unexpected_keys) or 'none'}")
-    return model
-
-
-def _untied(model: nn.Module, missing: list[str], loaded: set[str]) -> list[str]:
-    """The missing keys that are not tied to a loaded parameter (save_pretrained drops tied copies)."""
-    by_tensor: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), set()).add(name)
-    names = {n: by_tensor[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-    return [k for k in missing if not (names.get(k, set()) & loaded)]
 
 
 def export_dense(model: nn.Module | str | Path, out_dir: str | Path, *, tokenizer: Any = None,

@@ -51,7 +51,7 @@ def test_load_model_keeps_tied_embeddings_of_a_factorised_model(tmp_path):
     model = tiny_llama(tie=True)
     report = factorize(model, ["llama"], rank=4)
     save_factorized(model, None, tmp_path / "f", report)
-    from lorakit.compress.saved import load_factorized
+    from lorakit.factorized import load_factorized
 
     loaded = load_factorized(tmp_path / "f", AutoModelForCausalLM, model.config, torch.float32)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
