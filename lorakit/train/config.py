@@ -247,6 +247,7 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     if d.labels is not None and d.task not in ("classification", "ner"):
         out.append((("data.labels", "data.task"), f"data.labels applies to classification and ner, not "
                                                   f"data.task={d.task!r}; remove it"))
+    out += _compress_problems(config)
     sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))
     for key, value, path in sides:
         if value is None:
@@ -258,6 +259,25 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
             out.append((keys[:2], f"data.{key} needs data.format=squad, got data.format={d.format!r}"))
         if not path:
             out.append((keys[::2], f"data.{key} needs data.{key.partition('_')[0]} to name the squad file"))
+    return out
+
+
+def _compress_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
+    """The compress section against itself and run.method."""
+    c, method = config.compress, config.run.method
+    given = [f"compress.{n}" for n in ("ratio", "energy", "rank") if getattr(c, n) is not None]
+    out: list[tuple[tuple[str, ...], str]] = []
+    if len(given) > 1:
+        out.append((tuple(given), f"{' and '.join(given)} are set; set at most one of compress.ratio, "
+                                  "compress.energy and compress.rank"))
+    if given and method == "lora":
+        out.append((("run.method", *given), f"run.method=lora on a factorised model ({given[0]} is set) is not "
+                                            "supported; use run.method=factors (recovery), full or head-only, or "
+                                            "unset compress"))
+    if not given and method == "factors":
+        out.append((("run.method",), "run.method=factors trains the factors of a factorised model; set one of "
+                                     "compress.ratio, compress.energy and compress.rank, or choose another "
+                                     "run.method"))
     return out
 
 

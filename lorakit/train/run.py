@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
+from lorakit.compress import FactorizeReport, LowRankLinear, factorize, save_factorized
 from lorakit.config import LoraConfig
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
@@ -54,6 +55,7 @@ class Prepared:
     train: list[Features]
     eval: list[Features]
     report: InjectionReport
+    factorization: FactorizeReport | None = None  # set when `compress` factorised the model
 
 
 @dataclass
@@ -158,13 +160,34 @@ def prepare(config: TrainConfig) -> Prepared:
     heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
     if heads:
         lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
+    factorization = _compress(config, model, task, train_features) if config.compress.enabled else None
     if config.run.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.run.method == "lora":
         report = inject(model, lora)
+    elif config.run.method == "factors":
+        report = _unfreeze(model, heads + [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
     else:
         report = _unfreeze(model, heads if config.run.method == "head-only" else None)
-    return Prepared(model, tokenizer, task, train_features, eval_features, report)
+    return Prepared(model, tokenizer, task, train_features, eval_features, report, factorization)
+
+
+def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Features]) -> FactorizeReport:
+    """Factorise `model`'s linear layers as the `compress` section says, the task's head modules excluded; the
+    activation method calibrates on the first calibration_examples training features (without their labels)."""
+    c = config.compress
+    heads = task.head_modules(model)
+    names = [n for n, _ in model.named_modules() if n]
+    exclude = [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
+    calibration = None
+    if c.method == "activation":
+        batch = task.collate(train[:c.calibration_examples])
+        calibration = {k: v for k, v in batch.items() if k != "labels"}
+    try:
+        return factorize(model, c.targets, exclude=exclude, rank=c.rank, energy=c.energy, ratio=c.ratio,
+                         method=c.method, calibration=calibration)
+    except LorakitError as e:
+        raise LorakitError(f"compress: {e}") from None
 
 
 def _unfreeze(model: nn.Module, heads: list[str] | None) -> InjectionReport:
@@ -270,8 +293,11 @@ def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
     task_json = json.dumps(prepared.task.state(), indent=2) + "\n"
     if not isinstance(getattr(prepared.model, "lorakit_state", None), AdapterState):
         def fill_model(tmp: Path) -> None:
-            prepared.model.save_pretrained(tmp)  # type: ignore[operator]
-            prepared.tokenizer.save_pretrained(tmp)
+            if prepared.factorization is not None:  # U and V as trained; load_model builds LowRankLinear back
+                save_factorized(prepared.model, prepared.tokenizer, tmp, prepared.factorization, force=True)
+            else:
+                prepared.model.save_pretrained(tmp)  # type: ignore[operator]
+                prepared.tokenizer.save_pretrained(tmp)
             (tmp / TASK_NAME).write_text(task_json)
 
         atomic_write_dir(out_dir / "model", fill_model)

@@ -1,5 +1,5 @@
-"""The sections of a training configuration (`model`, `data`, `lora`, `optim`, `run`) as dataclasses: the only
-place their defaults live. Each docstring documents its keys; `CHOICES` and `BOUNDS` hold what values are
+"""The sections of a training configuration (`model`, `data`, `lora`, `optim`, `run`, `compress`) as dataclasses:
+the only place their defaults live. Each docstring documents its keys; `CHOICES` and `BOUNDS` hold what values are
 allowed. `lorakit.train.config` reads YAML files and flags into these.
 """
 
@@ -112,8 +112,9 @@ class RunSection:
     log_every: log the loss every log_every optimizer steps.
     eval_batch_size: examples per forward pass in evaluation.
     group_by_length: batch examples of similar length together (less padding; the order stays random).
-    method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone) or
-        `full` (every parameter; the baseline LoRA is measured against).
+    method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone),
+        `full` (every parameter; the baseline LoRA is measured against) or `factors` (with `compress`: only the
+        factorised layers' U and V, plus the task head: recovery fine-tuning after factorising).
     activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
     mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
     device: auto (CUDA when there is one), cpu or cuda.
@@ -135,19 +136,48 @@ class RunSection:
 
 
 @dataclass
+class CompressSection:
+    """Factorise the base model's linear layers into low-rank pairs U·Vᵀ before training (see
+    `lorakit.compress.factorize`); off unless one of ratio, energy and rank is set (at most one). The task head is
+    never factorised. Then `run.method` says what trains: `factors` (recovery fine-tuning), `full` or `head-only`
+    (the truncated model as it is); `lora` on a factorised model is not supported.
+
+    ratio: keep this share of the chosen layers' parameters, in (0, 1], spent where the spectra need it most.
+    energy: per layer the smallest rank keeping this share of its energy, in (0, 1].
+    rank: the same rank for every chosen layer.
+    method: svd (the best approximation of each weight) or activation (of each layer's outputs on calibration
+        inputs: the first calibration_examples training examples).
+    targets: the layers to factorise (lorakit's pattern syntax and presets, as for lora.targets); only linear layers.
+    calibration_examples: training examples the activation method calibrates on.
+    """
+
+    ratio: float | None = None
+    energy: float | None = None
+    rank: int | None = None
+    method: str = "svd"
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    calibration_examples: int = 16
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.ratio, self.energy, self.rank))
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    compress: CompressSection = field(default_factory=CompressSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig,
-                                   "optim": OptimSection, "run": RunSection}
+                                   "optim": OptimSection, "run": RunSection, "compress": CompressSection}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.task": ("classification", "instruction", "ner", "qa", "translation"),
@@ -157,7 +187,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "run.mixed_precision": ("no", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "cuda"),
-    "run.method": ("lora", "head-only", "full"),
+    "run.method": ("lora", "head-only", "full", "factors"),
+    "compress.method": ("svd", "activation"),
 }
 _SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int
 
@@ -199,6 +230,10 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "run.early_stopping": _at_least(1),
     "run.log_every": _at_least(1),
     "run.eval_batch_size": _at_least(1),
+    "compress.ratio": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "compress.energy": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "compress.rank": ("a positive int", lambda v: v >= 1),
+    "compress.calibration_examples": _at_least(1),
 }
 
 

@@ -24,7 +24,7 @@ def test_help_lists_type_default_allowed_values_and_meaning():
     text = config_help()
     assert '  optim.lr (a number; default 0.0002; > 0)\n      the peak learning rate.' in text
     assert '  data.train_limit (an int or null; default null; >= 1)' in text
-    assert '  run.method (a string; default "lora"; one of lora, head-only, full)' in text
+    assert '  run.method (a string; default "lora"; one of lora, head-only, full, factors)' in text
     assert '  lora.targets (a list of strings; default ["all-linear"])' in text
     keys = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and not line.startswith("   ")]
     expected = [f"{s}.{f.name}" for s, cls in SECTION_TYPES.items() for f in dataclasses.fields(cls)]
