@@ -90,41 +90,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_factorize(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
+    from lorakit.compress.command import factorize_model
 
-    from lorakit.analysis.probe import read_texts
-    from lorakit.compress import check_factorize_args, export_dense, factorize, save_factorized
-    from lorakit.compress.saved import DENSE_KIND, KIND
-    from lorakit.errors import LorakitError
-    from lorakit.models import load_model
-    from lorakit.outputs import claim_output_dir
-
-    check_factorize_args(args.rank, args.energy, args.ratio, args.method)
-    if args.method == "activation" and args.calibration_texts is None:
-        raise LorakitError("--method activation needs --calibration-texts FILE (UTF-8 texts, one per line)")
-    texts = read_texts(args.calibration_texts) if args.calibration_texts else []
-    inputs = [args.model, *([args.calibration_texts] if args.calibration_texts else [])]
-    out = Path(args.out).expanduser()
-    existed = out.exists()
-    claim_output_dir(out, kind=DENSE_KIND if args.dense else KIND, force=args.force, inputs=inputs)
-    try:  # a refusal after the claim (a rank too large, calibration that reaches no layer) leaves no directory
-        model, tokenizer = load_model(args.model)
-        calibration = [dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=512)) for t in texts]
-        report = factorize(model, [p.strip() for p in args.targets.split(",")], rank=args.rank, energy=args.energy,
-                           ratio=args.ratio, method=args.method, calibration=calibration or None)
-        if args.dense:
-            export_dense(model, out, tokenizer=tokenizer, force=args.force)
-        else:
-            save_factorized(model, tokenizer, out, report, force=args.force, inputs=inputs,
-                            command=_factorize_command(args))
-    except BaseException:
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    report = factorize_model(args.model, args.out, targets=[p.strip() for p in args.targets.split(",")],
+                             rank=args.rank, energy=args.energy, ratio=args.ratio, method=args.method,
+                             calibration_texts=args.calibration_texts, dense=args.dense, force=args.force,
+                             command=_factorize_command(args))
     print(f"{len(report.factorized)} of {len(report.modules)} modules factorised ({args.method}): "
           f"{report.parameters_before:,} -> {report.parameters_after:,} parameters; "
-          f"{'dense checkpoint' if args.dense else 'factorised model'} written to {out}")
+          f"{'dense checkpoint' if args.dense else 'factorised model'} written to {args.out}")
     return 0
 
 
