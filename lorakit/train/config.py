@@ -248,6 +248,7 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
         out.append((("data.labels", "data.task"), f"data.labels applies to classification and ner, not "
                                                   f"data.task={d.task!r}; remove it"))
     out += _compress_problems(config)
+    out += _distill_problems(config)
     sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))
     for key, value, path in sides:
         if value is None:
@@ -278,6 +279,25 @@ def _compress_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]
         out.append((("run.method",), "run.method=factors trains the factors of a factorised model; set one of "
                                      "compress.ratio, compress.energy and compress.rank, or choose another "
                                      "run.method"))
+    return out
+
+
+# The training tasks a teacher can teach: their logits are a label's (classification) or a token's (causal LM).
+DISTILL_TASKS = ("classification", "instruction", "translation")
+
+
+def _distill_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
+    """The distill section against itself and data.task."""
+    k, task = config.distill, config.data.task
+    out: list[tuple[tuple[str, ...], str]] = []
+    if k.teacher_adapter is not None and not k.teacher:
+        out.append((("distill.teacher_adapter", "distill.teacher"), "distill.teacher_adapter is applied on "
+                                                                     "distill.teacher, which is not set; set the "
+                                                                     "teacher's base model as distill.teacher"))
+    if k.enabled and task not in DISTILL_TASKS:
+        out.append((("distill.teacher", "data.task"), f"distillation supports data.task "
+                                                      f"{', '.join(DISTILL_TASKS)}, got data.task={task!r}; unset "
+                                                      "distill.teacher"))
     return out
 
 

@@ -21,6 +21,17 @@ from transformers import PreTrainedTokenizerBase
 from lorakit import distributed
 from lorakit.compress import FactorizeReport, LowRankLinear, factorize, save_factorized
 from lorakit.config import LoraConfig
+from lorakit.distill import (
+    CACHE_NAME,
+    DistillTask,
+    LogitCache,
+    check_teacher,
+    check_teacher_source,
+    data_fingerprint,
+    load_teacher,
+    read_cache,
+    write_cache,
+)
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
@@ -28,7 +39,7 @@ from lorakit.inference import HEAD_FOR_TASK
 from lorakit.inject import AdapterState, InjectionReport, inject
 from lorakit.io import TASK_NAME
 from lorakit.models import load_model
-from lorakit.outputs import OutputExistsError, claim_output_dir
+from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.data import check_labels, map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
@@ -169,7 +180,55 @@ def prepare(config: TrainConfig) -> Prepared:
         report = _unfreeze(model, heads + [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
     else:
         report = _unfreeze(model, heads if config.run.method == "head-only" else None)
+    if config.distill.enabled:
+        task, train_features = _distill(config, model, tokenizer, task, train_features)
     return Prepared(model, tokenizer, task, train_features, eval_features, report, factorization)
+
+
+def _distill(config: TrainConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
+             train: list[Features]) -> tuple[DistillTask, list[Features]]:
+    """The student task wrapped to learn from the `distill` section's teacher (loaded and checked against the
+    student), and the training features indexed for it; with `distill.cache`, the teacher's logits are read from
+    the cache file, or computed once and written there."""
+    d = config.distill
+    kind = "classification" if config.data.task == "classification" else "causal-lm"
+    try:
+        teacher = load_teacher(d.teacher, adapter=d.teacher_adapter, dtype=getattr(torch, config.model.dtype))
+        check_teacher(teacher, model, tokenizer, kind=kind, labels=getattr(task, "labels", None))
+    except LorakitError as e:
+        raise LorakitError(f"distill: {e}") from None
+    distilled = DistillTask(task, teacher, kind=kind, alpha=d.alpha, temperature=d.temperature,
+                            chunk_size=d.chunk_size)
+    train = distilled.index(train)
+    if d.cache:
+        distilled.use_cache(_teacher_cache(config, distilled, train))
+    return distilled, train
+
+
+def _teacher_cache(config: TrainConfig, task: DistillTask, train: list[Features]) -> LogitCache:
+    """The teacher-logit cache of this run's training data and teacher: read from distill.cache_path (default
+    run.out_dir/teacher-logits.safetensors) when it is there (refused when stale), else computed and written."""
+    d = config.distill
+    path = Path(d.cache_path) if d.cache_path else Path(config.run.out_dir) / CACHE_NAME
+    keys = {"data": data_fingerprint(train), "teacher": task.teacher.fingerprint(), "kind": task.kind}
+    if path.is_file():
+        try:
+            return read_cache(path, **keys)
+        except LorakitError as e:
+            raise LorakitError(f"distill: {e}") from None
+    world = World.from_env()
+    device = distributed.device_for(world, _device(config.run.device))
+    try:
+        cache = task.build_cache(train, device=device, batch_size=config.run.eval_batch_size,
+                                 max_bytes=int(d.cache_max_gb * 2**30))
+    except LorakitError as e:
+        raise LorakitError(f"distill: {e}") from None
+    finally:
+        task.teacher.model.to("cpu")  # the teacher is not needed again: free the accelerator's memory
+    if world.is_main:
+        write_cache(path, cache.logits, cache.offsets, teacher_name=task.teacher.name, **keys)
+    log.info("cached the teacher's logits over %d training examples in %s", len(train), path)
+    return cache
 
 
 def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Features]) -> FactorizeReport:
@@ -226,15 +285,33 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool 
     """
     check_output_dir(config.run.out_dir)  # before any model loads
     check_data_files(config.data)
+    if config.distill.enabled:
+        try:
+            check_teacher_source(config.distill.teacher, config.distill.teacher_adapter)
+        except LorakitError as e:
+            raise LorakitError(f"distill: {e}") from None
+    out_dir = Path(config.run.out_dir)
+    fresh = not out_dir.exists()
     if not resume and World.from_env().is_main:
-        _claim_run_dir(Path(config.run.out_dir), force)
+        _claim_run_dir(out_dir, force)
     device = _device(config.run.device)
     world = world or distributed.init_world(device)
     device = distributed.device_for(world, device)
     try:
         return _train(config, world, device, resume=resume, progress=progress)
+    except LorakitError:
+        if fresh and world.is_main:
+            _remove_unused(out_dir)
+        raise
     finally:
         distributed.shutdown(world)
+
+
+def _remove_unused(out_dir: Path) -> None:
+    """Remove a run directory this run created when nothing but its claim mark is in it (a refusal while
+    preparing, such as a teacher that does not fit, writes nothing)."""
+    if out_dir.is_dir() and [p.name for p in out_dir.iterdir()] in ([], [MARK_NAME]):
+        shutil.rmtree(out_dir)
 
 
 def _train(config: TrainConfig, world: World, device: torch.device, *, resume: bool, progress: bool
@@ -251,6 +328,8 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
     method = config.run.method
     if method == "lora" and config.lora.init == "principal":
         method = "lora-principal"
+    if config.distill.enabled:
+        method += "+distill"
     metric_value = _best_metrics(result, prepared.task.metric)
     return TrainSummary(
         task=results_task(config), model=config.model.name, method=method, metric=prepared.task.metric,

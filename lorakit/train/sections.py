@@ -1,6 +1,6 @@
-"""The sections of a training configuration (`model`, `data`, `lora`, `optim`, `run`, `compress`) as dataclasses:
-the only place their defaults live. Each docstring documents its keys; `CHOICES` and `BOUNDS` hold what values are
-allowed. `lorakit.train.config` reads YAML files and flags into these.
+"""The sections of a training configuration (`model`, `data`, `lora`, `optim`, `run`, `compress`, `distill`) as
+dataclasses: the only place their defaults live. Each docstring documents its keys; `CHOICES` and `BOUNDS` hold what
+values are allowed. `lorakit.train.config` reads YAML files and flags into these.
 """
 
 from __future__ import annotations
@@ -164,6 +164,41 @@ class CompressSection:
 
 
 @dataclass
+class DistillSection:
+    """Knowledge distillation (see `lorakit.distill`): the student (whatever run.method trains: lora, factors
+    with a compress section, full, head-only) learns from a teacher with alpha x the task loss + (1 - alpha) x T² x
+    KL(teacher_T || student_T); off unless teacher is set. For classification and for causal LMs (data.task
+    instruction or translation, on the response tokens only). The teacher must use the student's tokenizer and, for
+    classification, have its label set in the same order.
+
+    teacher: the teacher: a model directory (fully fine-tuned or merged, with its task.json), an adapter directory
+        (on the base it records), a bundled name or a hub id; empty: no distillation.
+    teacher_adapter: an adapter directory applied on teacher (then a base model); null: none.
+    alpha: the weight of the task loss, in [0, 1]; the teacher's soft targets get 1 - alpha (1: no teacher).
+    temperature: T, softening both distributions; the soft term is scaled by T² (Hinton et al. 2015, section 2).
+    cache: compute the teacher's logits over the training data once and read them from a file (for several epochs
+        or runs; refused when the data or the teacher changed); false: run the teacher at every step.
+    cache_path: the cache file; null: teacher-logits.safetensors in run.out_dir.
+    cache_max_gb: refuse to build a cache larger than this (a causal LM stores one row of vocabulary-sized float32
+        logits per response token).
+    chunk_size: rows of vocabulary-sized logits computed at once for a causal LM (memory against speed).
+    """
+
+    teacher: str = ""
+    teacher_adapter: str | None = None
+    alpha: float = 0.5
+    temperature: float = 2.0
+    cache: bool = False
+    cache_path: str | None = None
+    cache_max_gb: float = 2.0
+    chunk_size: int = 512
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -171,13 +206,15 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
     compress: CompressSection = field(default_factory=CompressSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "lora": LoraConfig,
-                                   "optim": OptimSection, "run": RunSection, "compress": CompressSection}
+                                   "optim": OptimSection, "run": RunSection, "compress": CompressSection,
+                                   "distill": DistillSection}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.task": ("classification", "instruction", "ner", "qa", "translation"),
@@ -234,6 +271,10 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "compress.energy": ("in (0, 1]", lambda v: 0 < v <= 1),
     "compress.rank": ("a positive int", lambda v: v >= 1),
     "compress.calibration_examples": _at_least(1),
+    "distill.alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "distill.temperature": _above(0),
+    "distill.cache_max_gb": _above(0),
+    "distill.chunk_size": _at_least(1),
 }
 
 
