@@ -20,8 +20,8 @@ MAX_CALIBRATION_TOKENS = 512  # per text
 
 def factorize_model(model: str, out_dir: str | Path, *, targets: list[str] | None = None, rank: int | None = None,
                     energy: float | None = None, ratio: float | None = None, method: str = "svd",
-                    calibration_texts: str | Path | None = None, dense: bool = False, force: bool = False,
-                    command: str | None = None) -> FactorizeReport:
+                    calibration_texts: str | Path | None = None, rank_multiple: int = 1, dense: bool = False,
+                    force: bool = False, command: str | None = None) -> FactorizeReport:
     """Load `model` (a name `load_model` knows, or a directory), factorise its `targets` (default all-linear) and
     write a factorised model directory to `out_dir` (`load_model` reads it back), or with `dense` a plain
     transformers checkpoint with U·Vᵀ multiplied out. The activation-aware method calibrates on
@@ -33,7 +33,7 @@ def factorize_model(model: str, out_dir: str | Path, *, targets: list[str] | Non
     from lorakit.analysis.probe import read_texts
     from lorakit.models import load_model
 
-    check_factorize_args(rank, energy, ratio, method)
+    check_factorize_args(rank, energy, ratio, method, rank_multiple)
     if method == "activation" and calibration_texts is None:
         raise LorakitError("--method activation needs --calibration-texts FILE (UTF-8 texts, one per line)")
     texts = read_texts(calibration_texts) if calibration_texts is not None else []
@@ -46,7 +46,7 @@ def factorize_model(model: str, out_dir: str | Path, *, targets: list[str] | Non
         calibration = [dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=MAX_CALIBRATION_TOKENS))
                        for t in texts]
         report = factorize(loaded, targets or ["all-linear"], rank=rank, energy=energy, ratio=ratio, method=method,
-                           calibration=calibration or None)
+                           calibration=calibration or None, rank_multiple=rank_multiple)
         if dense:
             export_dense(loaded, out, tokenizer=tokenizer, force=force)
         else:

@@ -16,6 +16,11 @@ The rank of each module (exactly one of):
   the module whose next σ² (in the method's metric, not normalised per module) per parameter (in + out) is largest;
   every module starts at rank 1 and none grows past the largest rank that still saves parameters.
 With `energy`, a module whose k would not save parameters (k·(in + out) >= in·out) is kept dense.
+
+`rank_multiple` m (default 1) makes the `energy` and `ratio` ranks multiples of m: `energy` rounds each k up, `ratio`
+starts every module at rank m and grows it m ranks at a time (priority: the next m σ² per parameter). A module whose
+largest parameter-saving rank is below m keeps steps of 1. On CPUs with 16-float vector registers (AVX-512) the
+thin products x·V run ~10% faster when k is a multiple of 16 (docs/compression.md, Speed).
 """
 
 from __future__ import annotations
@@ -91,9 +96,10 @@ class _Spectrum:
     v: Tensor  # (in, p)
 
 
-def check_factorize_args(rank: int | None, energy: float | None, ratio: float | None, method: str) -> None:
+def check_factorize_args(rank: int | None, energy: float | None, ratio: float | None, method: str,
+                         rank_multiple: int = 1) -> None:
     """Raise LorakitError unless exactly one of `rank` (int >= 1), `energy` (in (0, 1]) and `ratio` (in (0, 1]) is
-    given and `method` is one of METHODS."""
+    given, `method` is one of METHODS and `rank_multiple` is an int >= 1."""
     given = [n for n, v in (("rank", rank), ("energy", energy), ("ratio", ratio)) if v is not None]
     if len(given) != 1:
         raise LorakitError("pass exactly one of rank (the same rank everywhere), energy (per module the share of "
@@ -107,22 +113,25 @@ def check_factorize_args(rank: int | None, energy: float | None, ratio: float | 
             raise LorakitError(f"{label} must be in (0, 1], got {value!r}")
     if method not in METHODS:
         raise LorakitError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if type(rank_multiple) is not int or rank_multiple < 1:
+        raise LorakitError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
 
 
 def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None = None, rank: int | None = None,
               energy: float | None = None, ratio: float | None = None, method: str = "svd",
-              calibration: Calibration | None = None) -> FactorizeReport:
+              calibration: Calibration | None = None, rank_multiple: int = 1) -> FactorizeReport:
     """Replace the linear layers of `model` matched by `targets` (lorakit's pattern syntax and presets, as for LoRA
     targets; `exclude` removes matches) by `LowRankLinear` pairs, in place, and report each module.
 
     `calibration` (needed for method "activation"): a callable run as `calibration(model)`, or batches, each a dict
     of model keyword arguments or an input-id tensor (one, or an iterable of them); the inputs each chosen layer
-    sees are gathered with forward hooks, under `torch.no_grad()`.
+    sees are gathered with forward hooks, under `torch.no_grad()`. `rank_multiple`: the `energy` and `ratio` ranks
+    are multiples of it (module docstring).
 
     Raises LorakitError, with the model unchanged, for bad arguments, targets that match no linear layer, a rank
     above some module's min(in, out), a ratio too small for rank 1 everywhere, or an empty calibration set.
     """
-    check_factorize_args(rank, energy, ratio, method)
+    check_factorize_args(rank, energy, ratio, method, rank_multiple)
     if method == "activation" and calibration is None:
         raise LorakitError("method 'activation' needs calibration inputs (a callable or an iterable of batches)")
     modules = dict(model.named_modules())
@@ -145,7 +154,7 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
     covariances = _input_covariances(model, modules, names, calibration) if method == "activation" else {}
     spectra = {n: _spectrum(w, covariances.get(n)) for n, w in weights.items()}
     biases = {n: modules[n].bias.numel() if modules[n].bias is not None else 0 for n in names}  # type: ignore[union-attr]
-    ranks = _choose_ranks(spectra, weights, biases, rank, energy, ratio)
+    ranks = _choose_ranks(spectra, weights, biases, rank, energy, ratio, rank_multiple)
     report: list[ModuleFactor] = []
     new: dict[str, LowRankLinear] = {}
     for name in names:
@@ -236,7 +245,8 @@ def _input_covariances(model: nn.Module, modules: dict[str, nn.Module], names: l
 
 
 def _choose_ranks(spectra: dict[str, _Spectrum], weights: dict[str, Tensor], biases: dict[str, int],
-                  rank: int | None, energy: float | None, ratio: float | None) -> dict[str, int | None]:
+                  rank: int | None, energy: float | None, ratio: float | None, multiple: int
+                  ) -> dict[str, int | None]:
     """The kept rank per module, None for a module left dense."""
     if rank is not None:
         return dict.fromkeys(spectra, rank)
@@ -248,39 +258,47 @@ def _choose_ranks(spectra: dict[str, _Spectrum], weights: dict[str, Tensor], bia
             total = float(squares.sum())
             # a relative slack of 1e-12 so that energy 1.0 is met by the last nonzero σ despite roundoff
             share = (squares.cumsum(0) / total) if total > 0 else torch.ones_like(squares)
-            k = int((share < energy - 1e-12).sum()) + 1
+            k = min(math.ceil((int((share < energy - 1e-12).sum()) + 1) / multiple) * multiple, len(squares))
             out[name] = None if k * (in_f + out_f) >= in_f * out_f else min(k, len(squares))
         return out
     assert ratio is not None
-    return _allocate(spectra, weights, biases, ratio)
+    return _allocate(spectra, weights, biases, ratio, multiple)
 
 
-def _allocate(spectra: dict[str, _Spectrum], weights: dict[str, Tensor], biases: dict[str, int], ratio: float
-              ) -> dict[str, int | None]:
-    """Greedy budget allocation: rank 1 everywhere, then one rank at a time to the module whose next σ² per
-    parameter is largest, while the budget (ratio times the modules' parameters, biases included, which stay)
-    allows and the module still saves parameters. A module where even rank 1 saves nothing stays dense."""
+def _allocate(spectra: dict[str, _Spectrum], weights: dict[str, Tensor], biases: dict[str, int], ratio: float,
+              multiple: int = 1) -> dict[str, int | None]:
+    """Greedy budget allocation: every module at its step (`multiple`, or 1 where the module cannot reach it), then
+    one step at a time to the module whose next step's σ² per parameter is largest, while the budget (ratio times
+    the modules' parameters, biases included, which stay) allows and the module still saves parameters. A module
+    where even rank 1 saves nothing stays dense."""
     total = sum(w.numel() + biases[n] for n, w in weights.items())
     cost = {n: sum(w.shape) for n, w in weights.items()}  # parameters per rank: in + out
-    cap = {n: min(min(w.shape), (w.numel() - 1) // cost[n]) for n, w in weights.items()}
-    floor = sum(biases.values()) + sum(cost[n] if cap[n] >= 1 else w.numel() for n, w in weights.items())
+    largest = {n: min(min(w.shape), (w.numel() - 1) // cost[n]) for n, w in weights.items()}
+    step = {n: multiple if largest[n] >= multiple else 1 for n in weights}
+    cap = {n: largest[n] // step[n] * step[n] for n in weights}
+    floor = sum(biases.values()) + sum(step[n] * cost[n] if cap[n] >= 1 else w.numel() for n, w in weights.items())
     budget = ratio * total
     if floor > budget:
-        raise LorakitError(f"ratio {ratio} leaves {math.floor(budget)} parameters, fewer than rank 1 in every chosen "
-                           f"module needs ({floor}); use ratio >= {floor / total:.4g} or fewer targets")
-    ranks = dict.fromkeys(weights, 1)
+        smallest = "rank 1" if multiple == 1 else f"rank {multiple} (rank_multiple)"
+        raise LorakitError(f"ratio {ratio} leaves {math.floor(budget)} parameters, fewer than {smallest} in every "
+                           f"chosen module needs ({floor}); use ratio >= {floor / total:.4g} or fewer targets")
+    ranks = dict(step)
     spent = floor
-    heap = [(-float(spectra[n].s[1]) ** 2 / cost[n], n) for n in weights if cap[n] > 1]
+
+    def priority(name: str, k: int) -> float:  # the next step's σ² per parameter, negated for the min-heap
+        return -float((spectra[name].s[k:k + step[name]] ** 2).sum()) / (step[name] * cost[name])
+
+    heap = [(priority(n, step[n]), n) for n in weights if cap[n] > step[n]]
     heapq.heapify(heap)
     while heap:
         _, name = heapq.heappop(heap)
-        if spent + cost[name] > budget:
-            continue  # this module's next rank does not fit; smaller modules' may
-        ranks[name] += 1
-        spent += cost[name]
+        if spent + step[name] * cost[name] > budget:
+            continue  # this module's next step does not fit; smaller modules' may
+        ranks[name] += step[name]
+        spent += step[name] * cost[name]
         k = ranks[name]
         if k < cap[name]:
-            heapq.heappush(heap, (-float(spectra[name].s[k]) ** 2 / cost[name], name))
+            heapq.heappush(heap, (priority(name, k), name))
     never = [n for n in weights if cap[n] < 1]
     out: dict[str, int | None] = dict(ranks)
     for name in never:

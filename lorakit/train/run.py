@@ -244,7 +244,7 @@ def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Fea
         calibration = {k: v for k, v in batch.items() if k != "labels"}
     try:
         return factorize(model, c.targets, exclude=exclude, rank=c.rank, energy=c.energy, ratio=c.ratio,
-                         method=c.method, calibration=calibration)
+                         method=c.method, calibration=calibration, rank_multiple=c.rank_multiple)
     except LorakitError as e:
         raise LorakitError(f"compress: {e}") from None
 

@@ -149,6 +149,7 @@ class CompressSection:
         inputs: the first calibration_examples training examples).
     targets: the layers to factorise (lorakit's pattern syntax and presets, as for lora.targets); only linear layers.
     calibration_examples: training examples the activation method calibrates on.
+    rank_multiple: ratio and energy ranks are multiples of this (16 runs the thin products faster on AVX-512 CPUs).
     """
 
     ratio: float | None = None
@@ -157,6 +158,7 @@ class CompressSection:
     method: str = "svd"
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     calibration_examples: int = 16
+    rank_multiple: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -271,6 +273,7 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "compress.energy": ("in (0, 1]", lambda v: 0 < v <= 1),
     "compress.rank": ("a positive int", lambda v: v >= 1),
     "compress.calibration_examples": _at_least(1),
+    "compress.rank_multiple": _at_least(1),
     "distill.alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "distill.temperature": _above(0),
     "distill.cache_max_gb": _above(0),

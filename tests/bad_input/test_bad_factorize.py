@@ -22,6 +22,8 @@ CASES = [
                  r"missing\.txt.* does not exist", id="missing-calibration-file"),
     pytest.param(["--rank", "2", "--targets", "q_prj"], r"q_prj", id="targets-match-nothing"),
     pytest.param(["--rank", "2", "--ratio", "0.5"], r"not allowed with argument", id="two-sizes"),
+    pytest.param(["--ratio", "0.5", "--rank-multiple", "0"], r"rank_multiple must be an int >= 1, got 0",
+                 id="rank-multiple-0"),
 ]
 
 

@@ -115,6 +115,34 @@ def test_ratio_half_keeps_at_most_half_of_the_chosen_parameters():
     assert report.parameters_after + min(sum(m.shape) for m in report.modules) > 0.5 * report.parameters_before
 
 
+def test_rank_multiple_makes_ratio_ranks_multiples_within_the_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 128), nn.Linear(128, 96), nn.Linear(96, 12))  # the last cannot reach 16
+    before = sum(p.numel() for p in model.parameters())
+    report = factorize(model, ["0", "1", "2"], ratio=0.5, rank_multiple=16)
+    ranks = {m.name: m.rank for m in report.modules}
+    assert ranks["0"] % 16 == 0 and ranks["1"] % 16 == 0 and ranks["0"] >= 16 and ranks["1"] >= 16
+    assert ranks["2"] is not None and 1 <= ranks["2"] < 16  # its largest parameter-saving rank is 10: steps of 1
+    assert report.parameters_after == sum(p.numel() for p in model.parameters()) <= 0.5 * before
+    # the budget is spent: no module below its largest parameter-saving rank has a next step that fits
+    growable = [(16 if m.name != "2" else 1) * sum(m.shape) for m in report.modules
+                if m.rank is not None and m.rank < (m.shape[0] * m.shape[1] - 1) // sum(m.shape) // 16 * 16
+                or m.name == "2" and m.rank < 10]
+    assert growable and all(report.parameters_after + cost > 0.5 * before for cost in growable)
+
+
+def test_rank_multiple_rounds_the_energy_rank_up():
+    exact = factorize(_single_layer(0, 96, 128), ["0"], energy=0.5).modules[0].rank
+    rounded = factorize(_single_layer(0, 96, 128), ["0"], energy=0.5, rank_multiple=16).modules[0].rank
+    assert exact is not None and exact % 16 != 0 and rounded == -(-exact // 16) * 16
+
+
+def test_rank_multiple_one_allocates_as_before():
+    plain, ones = tiny_llama(), tiny_llama()
+    assert ([m.rank for m in factorize(plain, ["all-linear"], ratio=0.4).modules]
+            == [m.rank for m in factorize(ones, ["all-linear"], ratio=0.4, rank_multiple=1).modules])
+
+
 def test_energy_picks_the_smallest_rank_holding_that_share():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64, bias=False, dtype=torch.float64))
@@ -219,6 +247,7 @@ def test_backward_through_a_factorized_model_reaches_the_factors(token_ids):
     ({"rank": 4, "method": "activation"}, r"method 'activation' needs calibration inputs"),
     ({"rank": 4, "method": "activation", "calibration": []}, r"calibration set is empty"),
     ({"ratio": 0.01}, r"ratio 0\.01 leaves \d+ parameters, fewer than rank 1 .* use ratio >= "),
+    ({"ratio": 0.5, "rank_multiple": 0}, r"rank_multiple must be an int >= 1, got 0"),
 ])
 def test_bad_arguments_raise_and_leave_the_model_unchanged(kwargs, message):
     model = tiny_llama()
