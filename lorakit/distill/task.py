@@ -36,10 +36,10 @@ from lorakit.errors import LorakitError
 from lorakit.train.data import chunks
 from lorakit.train.lm_loss import (
     IGNORE,
-    _backbone,
-    _final_hidden,
-    _head_reproduces_logits,
-    _output_head,
+    final_hidden_states,
+    find_backbone,
+    find_output_head,
+    head_reproduces_logits,
     supervised_rows,
 )
 from lorakit.train.task import Batch, Features, Task
@@ -164,12 +164,12 @@ class DistillTask:
         """(teacher(start, stop) -> its logits for supervised rows [start, stop), the number of rows), from its
         final hidden states and head in chunks, or from its full logits when its head does not give its logits."""
         model, ids, mask, labels = self.teacher.model, batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-        backbone, head = _backbone(model), _output_head(model)
-        if backbone is None or head is None or not _head_reproduces_logits(model, head, ids, mask, False):
+        backbone, head = find_backbone(model), find_output_head(model)
+        if backbone is None or head is None or not head_reproduces_logits(model, head, ids, mask, False):
             logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             rows, _ = supervised_rows(logits, labels)  # (N, V)
             return (lambda start, stop: rows[start:stop]), int(rows.shape[0])
-        hidden, _ = supervised_rows(_final_hidden(backbone, ids, mask, False), labels)  # (N, H)
+        hidden, _ = supervised_rows(final_hidden_states(backbone, ids, mask, False), labels)  # (N, H)
         return (lambda start, stop: head(hidden[start:stop])), int(hidden.shape[0])
 
     def _causal_loss(self, model: nn.Module, batch: Batch, inputs: Batch) -> Tensor:
@@ -184,17 +184,17 @@ class DistillTask:
                 self._teacher_on(ids.device)
                 teacher, _ = self._teacher_rows(inputs)
         inner = unwrap(model)
-        backbone, head = _backbone(inner), _output_head(inner)
+        backbone, head = find_backbone(inner), find_output_head(inner)
         via_forward = model is not inner or backbone is None
         settings = {"alpha": self.alpha, "temperature": self.temperature}
-        if head is None or not _head_reproduces_logits(inner, head, ids, mask, via_forward):
+        if head is None or not head_reproduces_logits(inner, head, ids, mask, via_forward):
             rows, targets = supervised_rows(model(input_ids=ids, attention_mask=mask).logits, labels)  # (N, V)
             with torch.no_grad():
                 soft = teacher(0, rows.shape[0]).float()
             return _rows_kd(rows.float(), soft, targets, self.alpha, self.temperature).mean()
         source = model if via_forward else backbone
         assert source is not None
-        rows, targets = supervised_rows(_final_hidden(source, ids, mask, via_forward), labels)  # (N, H), (N,)
+        rows, targets = supervised_rows(final_hidden_states(source, ids, mask, via_forward), labels)  # (N, H), (N,)
         if isinstance(head, nn.Linear):
             total = linear_kd_sum(rows, head.weight, head.bias, targets, teacher, chunk_size=self.chunk_size,
                                   **settings)
@@ -204,7 +204,7 @@ class DistillTask:
 
 
 def _head_weight_rows(model: nn.Module) -> int:
-    head = _output_head(model)
+    head = find_output_head(model)
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise LorakitError(f"{type(model).__name__} has no output head to cache logits of")

@@ -113,14 +113,14 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     the full logits instead, with one warning.
     """
     inner = unwrap(model)
-    backbone = _backbone(inner)
+    backbone = find_backbone(inner)
     via_forward = model is not inner or backbone is None
-    head = _output_head(inner)
-    if head is None or not _head_reproduces_logits(inner, head, input_ids, attention_mask, via_forward):
+    head = find_output_head(inner)
+    if head is None or not head_reproduces_logits(inner, head, input_ids, attention_mask, via_forward):
         return _full_logits_loss(model, input_ids, attention_mask, labels)
     source = model if via_forward else backbone
     assert source is not None
-    hidden = _final_hidden(source, input_ids, attention_mask, via_forward)  # (B, T, H)
+    hidden = final_hidden_states(source, input_ids, attention_mask, via_forward)  # (B, T, H)
     rows, targets = supervised_rows(hidden, labels)
     if isinstance(head, nn.Linear):
         return linear_cross_entropy_sum(rows, head.weight, head.bias, targets, chunk_size), int(rows.shape[0])
@@ -191,7 +191,7 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def _backbone(model: nn.Module) -> nn.Module | None:
+def find_backbone(model: nn.Module) -> nn.Module | None:
     """The module that returns the final (normed) hidden states: `model.model` for transformers' Llama."""
     get_decoder = getattr(model, "get_decoder", None)
     backbone = get_decoder() if callable(get_decoder) else None
@@ -200,13 +200,13 @@ def _backbone(model: nn.Module) -> nn.Module | None:
     return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def find_output_head(model: nn.Module) -> nn.Module | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     return head if isinstance(head, nn.Module) else None
 
 
-def _final_hidden(source: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, via_forward: bool
+def final_hidden_states(source: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, via_forward: bool
                   ) -> Tensor:
     """(B, T, H) final hidden states: `source` is the backbone, or (via_forward) the whole, possibly wrapped,
     model, whose last entry of `hidden_states` is the input of its head."""
@@ -220,7 +220,7 @@ def _final_hidden(source: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     return hidden
 
 
-def _head_reproduces_logits(model: nn.Module, head: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+def head_reproduces_logits(model: nn.Module, head: nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
                             via_forward: bool) -> bool:
     """Once per model (and source of hidden states): compare `head(final hidden)` with the model's logits on
     the first 16 tokens of the first row, in eval mode without grad."""
@@ -234,9 +234,9 @@ def _head_reproduces_logits(model: nn.Module, head: nn.Module, input_ids: Tensor
     try:
         with torch.no_grad():
             expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            source = model if via_forward else _backbone(model)
+            source = model if via_forward else find_backbone(model)
             assert source is not None
-            actual = head(_final_hidden(source, ids, mask, via_forward))
+            actual = head(final_hidden_states(source, ids, mask, via_forward))
         # Both sides run the same kernels on the same shapes, so they agree to rounding; the tolerance is far
         # below what soft-capping (c * tanh(x / c)) or a logit scale changes.
         tolerance = 1e-5 if min(expected.dtype.itemsize, actual.dtype.itemsize) >= 4 else 1e-3

@@ -130,7 +130,7 @@ def test_a_lora_module_on_the_head_is_trained_through_checkpointed_chunks(chunk_
 
 def test_states_from_the_models_own_forward_match(monkeypatch: pytest.MonkeyPatch) -> None:
     """The path taken under DDP (and for models without a backbone): output_hidden_states, logits_to_keep=1."""
-    monkeypatch.setattr(lm_loss, "_backbone", lambda model: None)
+    monkeypatch.setattr(lm_loss, "find_backbone", lambda model: None)
     model = lora_llama()
     ids, mask, labels = batch()
     causal_lm_loss(model, ids, mask, labels)  # the one-time probe
