@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                for name, (help_text, _) in COMMANDS.items()}
     for name in ("train", "eval"):
         parsers[name].add_argument("config", help="a YAML file with sections model, data, lora, optim, run "
-                                   "(and compress)")
+                                   "(and compress, distill)")
         parsers[name].add_argument("overrides", nargs="*", help="section.key=value overrides")
     parsers["train"].add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parsers["train"].add_argument("--force", action="store_true",
