@@ -9,6 +9,7 @@ k < in·out / (in + out). `lorakit.compress.factorize` builds them; a factorised
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,15 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factorized_layout(model: nn.Module) -> str:
+    """A short hash of the names and ranks of `model`'s `LowRankLinear` layers, "" for a model without any: what an
+    adapter trained on a factorised base records (`lorakit.io`), so that it never loads onto another base."""
+    ranks = sorted((name, module.rank) for name, module in model.named_modules() if isinstance(module, LowRankLinear))
+    if not ranks:
+        return ""
+    return hashlib.sha256("\n".join(f"{n}:{r}" for n, r in ranks).encode()).hexdigest()[:16]
 
 
 def is_factorized_dir(path: str | Path) -> bool:

@@ -7,6 +7,10 @@
 The adapter directory is read and checked (files, checksum, finite values, `task.json`) before the base model is
 loaded, so a bad adapter costs no model load. Without `model`, the base is the one the adapter records; a base
 the adapter does not fit is refused in one line naming both.
+
+An adapter trained on a factorised model (`compress` with `run.method: lora`) records that model's directory as an
+absolute path; when the run directory has moved, the factorised `model` directory beside the adapter (as a run
+publishes them) is its base. Such an adapter loads only onto a model with the same factorised layers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
-from lorakit.io import load_adapter, read_adapter, read_task_state
+from lorakit.factorized import is_factorized_dir
+from lorakit.io import FACTORIZATION_KEY, load_adapter, read_adapter, read_task_state
 from lorakit.models import load_model
 
 DEFAULT_MODEL = "smollm2"
@@ -44,9 +49,21 @@ class Loaded:
 
 
 def recorded_base(adapter: str | Path) -> str | None:
-    """The base model an adapter directory records (`base_model_name_or_path`, else lorakit's header field)."""
+    """The base model an adapter directory records (`base_model_name_or_path`, else lorakit's header field); for an
+    adapter trained on a factorised model whose recorded directory is gone, the factorised `model` directory beside
+    the adapter's directory, if there is one."""
     raw_config, _, metadata = read_adapter(adapter)
-    return raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model") or None
+    base = raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model") or None
+    if not metadata.get(FACTORIZATION_KEY) or (base is not None and is_factorized_dir(base)):
+        return base
+    beside = Path(adapter).expanduser().resolve().parent / "model"
+    return str(beside) if is_factorized_dir(beside) else base
+
+
+def factorized_base(adapter: str | Path) -> str | None:
+    """The factorised model an adapter was trained on (`recorded_base`), or None for an adapter of a plain model."""
+    _, _, metadata = read_adapter(adapter)
+    return recorded_base(adapter) if metadata.get(FACTORIZATION_KEY) else None
 
 
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.factorized import factorized_layout
 from lorakit.fileio import atomic_write_dir
 from lorakit.inject import (
     BuiltAdapter,
@@ -43,6 +44,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PRINCIPAL_NAME = "principal_init.safetensors"
 TASK_NAME = "task.json"  # the training task's state (labels, max_length...), written beside a trained adapter
 FORMAT_VERSION = "1"
+# The header field naming the factorised layout of the base an adapter was trained on (`factorized_layout`); absent
+# for an adapter of a plain model.
+FACTORIZATION_KEY = "lorakit_factorization"
 
 def fingerprint(model: nn.Module, targets: list[str]) -> str:
     """A short hash of the target modules' names and base weight shapes: what an adapter must fit."""
@@ -89,6 +93,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
         "lorakit_base_model": str(base or ""),
         "lorakit_checksum": adapter_checksum(tensors),
     }
+    layout = factorized_layout(model)
+    if layout:
+        metadata[FACTORIZATION_KEY] = layout
     peft_json = peft_config(model, config, base, doubled=convert_principal)
     principal = None
     if config.init == "principal" and not convert_principal:
@@ -189,10 +196,13 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     """Inject the adapter saved at `path` into the (unadapted) base `model` and load its weights.
 
     Strict: keys missing from the file, keys the model does not expect and shape mismatches are all reported in
-    one error, as is a base whose target names and shapes differ from the ones the adapter was saved on
-    (override with `allow_base_mismatch=True`). Nothing is changed unless everything fits.
+    one error, as is a base whose target names and shapes differ from the ones the adapter was saved on, or (for an
+    adapter trained on a factorised model) whose factorised layers differ from its base's (override either with
+    `allow_base_mismatch=True`). Nothing is changed unless everything fits.
     """
     raw_config, tensors, metadata = read_adapter(path)
+    if not allow_base_mismatch:
+        _check_factorization(model, metadata, path)
     config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
     built = _build_for(model, config, metadata, path)
     selection, modules = built.selection, built.modules
@@ -230,6 +240,19 @@ def _build_for(model: nn.Module, config: LoraConfig, metadata: dict[str, str], p
         if metadata.get("lorakit_base_model"):
             raise LorakitError(_wrong_base(model, metadata, path)) from None
         raise LorakitError(f"adapter {str(path)!r} does not fit this model: {_first(e.problems)}") from None
+
+
+def _check_factorization(model: nn.Module, metadata: dict[str, str], path: str | Path) -> None:
+    """Refuse an adapter trained on a factorised base for a model whose factorised layers (names and ranks) differ,
+    a dense model above all: its target layers may have the same shapes, so nothing else would notice."""
+    saved = metadata.get(FACTORIZATION_KEY)
+    this = factorized_layout(model)
+    if not saved or saved == this:
+        return
+    what = "a dense model" if not this else f"factorised differently (layout {this})"
+    base = metadata.get("lorakit_base_model") or "the factorised model it was trained on"
+    raise LorakitError(f"adapter {str(path)!r} was trained on a factorised base (layout {saved}) and this model is "
+                       f"{what}; load it on its own base ({base}), or pass allow_base_mismatch=True to load it anyway")
 
 
 def _wrong_base(model: nn.Module, metadata: dict[str, str], path: str | Path) -> str:

@@ -271,10 +271,6 @@ def _compress_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]
     if len(given) > 1:
         out.append((tuple(given), f"{' and '.join(given)} are set; set at most one of compress.ratio, "
                                   "compress.energy and compress.rank"))
-    if given and method == "lora":
-        out.append((("run.method", *given), f"run.method=lora on a factorised model ({given[0]} is set) is not "
-                                            "supported; use run.method=factors (recovery), full or head-only, or "
-                                            "unset compress"))
     if not given and method == "factors":
         out.append((("run.method",), "run.method=factors trains the factors of a factorised model; set one of "
                                      "compress.ratio, compress.energy and compress.rank, or choose another "

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,16 @@ from typing import Any, cast
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.inference import HEAD_FOR_TASK, load_for_inference
+from lorakit.factorized import is_factorized_dir
+from lorakit.inference import HEAD_FOR_TASK, factorized_base, load_for_inference
 from lorakit.models import resolve_head
 from lorakit.train.preflight import check_data_files
 from lorakit.train.results import evaluated_method, results_task
 from lorakit.train.run import load_data, task_options
 from lorakit.train.sections import TrainConfig
 from lorakit.train.tasks import TASKS, make_task, task_from_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,10 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
     """Score the base model (zero-shot, where the task allows) or an adapter on the config's eval data.
     Translation (`data.task: translation`) is scored by BLEU and chrF of greedy (or beam) generations.
 
+    The base is the config's model.name, except for an adapter trained on a factorised model (`compress` with
+    `run.method: lora`), which is scored on the factorised model it records unless model.name is itself a factorised
+    model directory (then the adapter must fit it).
+
     Raises LorakitError for a base model without the head the task needs (a new classifier has nothing to score
     before training), for missing evaluation data, and for a bad `num_beams`.
     """
@@ -54,7 +62,7 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
 
     sampling = SamplingConfig(max_new_tokens=max(config.data.max_length // 2, 1), num_beams=num_beams)
     check_data_files(config.data)
-    loaded = load_for_inference(config.model.name, adapter)  # the config names the base; a misfit is one line
+    loaded = load_for_inference(_base_for(config.model.name, adapter), adapter)  # a misfit is one line
     model, tokenizer = loaded.model, loaded.tokenizer
     if loaded.task_state is not None:
         task = task_from_state(tokenizer, loaded.task_state)
@@ -79,6 +87,17 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
         metric = TASKS[config.data.task].metric
     return Evaluation(finite_metrics(metrics), metric, results_task(config), config.data.eval or config.data.train,
                       config.model.name, evaluated_method(config.model.name, adapter))
+
+
+def _base_for(model: str, adapter: str | Path | None) -> str:
+    """model.name, or the factorised base an adapter trained on one records (model.name then names the dense model
+    the run factorised, which the adapter does not fit)."""
+    factorized = factorized_base(adapter) if adapter is not None else None
+    if factorized is None or is_factorized_dir(model):
+        return model
+    log.info("the adapter was trained on the factorised model %s; scoring it there, not on model.name=%s",
+             factorized, model)
+    return factorized
 
 
 def _check_zero_shot_head(config: TrainConfig, head: str) -> None:

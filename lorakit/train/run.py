@@ -10,6 +10,8 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
+from lorakit import init as lora_init
 from lorakit.compress import FactorizeReport, LowRankLinear, factorize, save_factorized
 from lorakit.config import LoraConfig
 from lorakit.distill import (
@@ -33,13 +36,14 @@ from lorakit.distill import (
     write_cache,
 )
 from lorakit.distributed import World
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
 from lorakit.inference import HEAD_FOR_TASK
-from lorakit.inject import AdapterState, InjectionReport, inject
-from lorakit.io import TASK_NAME
+from lorakit.inject import AdapterState, InjectionReport, adapter_state, inject, plan
+from lorakit.io import TASK_NAME, save_adapter
 from lorakit.models import load_model
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
+from lorakit.targets import select_modules
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.data import check_labels, map_columns, read_records
 from lorakit.train.loop import TrainResult, fit
@@ -67,6 +71,8 @@ class Prepared:
     eval: list[Features]
     report: InjectionReport
     factorization: FactorizeReport | None = None  # set when `compress` factorised the model
+    # With compress and LoRA: the base layers the LoRA modules replaced, by name, to publish the base without them.
+    base_layers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,10 +177,16 @@ def prepare(config: TrainConfig) -> Prepared:
     heads = [h for h in task.head_modules(model) if h not in lora.modules_to_save]
     if heads:
         lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
+    lora_on_factors = config.compress.enabled and config.run.method == "lora"
+    if lora_on_factors:
+        _check_disjoint(model, lora, config.compress.targets, _head_exclusions(model, task))
     factorization = _compress(config, model, task, train_features) if config.compress.enabled else None
     if config.run.activation_checkpointing:
         enable_activation_checkpointing(model)
+    base_layers: dict[str, nn.Module] = {}
     if config.run.method == "lora":
+        if lora_on_factors:
+            base_layers = _lora_base_layers(model, lora)
         report = inject(model, lora)
     elif config.run.method == "factors":
         report = _unfreeze(model, heads + [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
@@ -182,7 +194,54 @@ def prepare(config: TrainConfig) -> Prepared:
         report = _unfreeze(model, heads if config.run.method == "head-only" else None)
     if config.distill.enabled:
         task, train_features = _distill(config, model, tokenizer, task, train_features)
-    return Prepared(model, tokenizer, task, train_features, eval_features, report, factorization)
+    return Prepared(model, tokenizer, task, train_features, eval_features, report, factorization, base_layers)
+
+
+def _check_disjoint(model: nn.Module, lora: LoraConfig, compress_targets: list[str], exclude: list[str]) -> None:
+    """Refuse LoRA targets that compress would factorise, before any SVD runs: LoRA trains on top of the frozen
+    factorised model, never on the factors themselves. Targets that do not resolve are left to factorize and
+    inject, which report them on the model they act on."""
+    modules = dict(model.named_modules())
+    try:
+        adapted = select_modules(model, lora.targets, lora.exclude, lora.modules_to_save, modules=modules).adapted
+        factorised = set(select_modules(model, compress_targets, exclude, [], modules=modules).adapted)
+    except ConfigError:
+        return
+    both = [n for n in adapted if n in factorised]
+    if both:
+        raise LorakitError(f"lora.targets and compress.targets both match {_some(both)}; LoRA trains "
+                           "on top of the factorised model, not on its factors: choose disjoint targets, e.g. "
+                           f"{_disjoint_example(modules)}")
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first `n` names and how many more: one readable line."""
+    return ", ".join(names[:n]) + (f", and {len(names) - n} more" if len(names) > n else "")
+
+
+def _disjoint_example(modules: dict[str, nn.Module]) -> str:
+    """A pair of disjoint targets for the model's family: factorise the feed-forward layers, adapt attention."""
+    leaves = {n.rpartition(".")[2] for n in modules}
+    if "query" in leaves:
+        return "compress.targets=[intermediate.dense, output.dense] with lora.targets=[query, value]"
+    if "q_proj" in leaves:
+        return "compress.targets=[gate_proj, up_proj, down_proj] with lora.targets=[q_proj, v_proj]"
+    if "c_attn" in leaves:
+        return "compress.targets=[c_fc, mlp.c_proj] with lora.targets=[c_attn]"
+    return "compress.targets on the feed-forward layers with lora.targets on the attention projections"
+
+
+def _lora_base_layers(model: nn.Module, lora: LoraConfig) -> dict[str, nn.Module]:
+    """The layers LoRA will replace on a factorised model, by name; a target inside a factorised layer (its `down`
+    or `up` factor, reachable only once factorised) is refused like an overlapping target."""
+    modules = dict(model.named_modules())
+    adapted = plan(model, lora).adapted
+    inside = [n for n in adapted if isinstance(modules[n.rpartition(".")[0]], LowRankLinear)]
+    if inside:
+        raise LorakitError(f"lora.targets match {_some(inside)}: factors of layers compress factorised; "
+                           "LoRA trains on top of the factorised model, not on its factors: choose lora.targets "
+                           f"outside compress.targets, e.g. {_disjoint_example(modules)}")
+    return {n: modules[n] for n in adapted}
 
 
 def _distill(config: TrainConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
@@ -235,9 +294,7 @@ def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Fea
     """Factorise `model`'s linear layers as the `compress` section says, the task's head modules excluded; the
     activation method calibrates on the first calibration_examples training features (without their labels)."""
     c = config.compress
-    heads = task.head_modules(model)
-    names = [n for n, _ in model.named_modules() if n]
-    exclude = [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
+    exclude = _head_exclusions(model, task)
     calibration = None
     if c.method == "activation":
         batch = task.collate(train[:c.calibration_examples])
@@ -247,6 +304,13 @@ def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Fea
                          method=c.method, calibration=calibration, rank_multiple=c.rank_multiple)
     except LorakitError as e:
         raise LorakitError(f"compress: {e}") from None
+
+
+def _head_exclusions(model: nn.Module, task: Task) -> list[str]:
+    """The task's head modules and everything inside them: never factorised."""
+    heads = task.head_modules(model)
+    names = [n for n, _ in model.named_modules() if n]
+    return [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
 
 
 def _unfreeze(model: nn.Module, heads: list[str] | None) -> InjectionReport:
@@ -364,23 +428,29 @@ def _best_metrics(result: TrainResult, metric: str) -> float | None:
 def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
     """Load the best checkpoint's weights (or the last) back into the model and publish them with the task
     beside them: the adapter as `out_dir/adapter`, or, for runs without adapters, the whole model as
-    `out_dir/model` (a transformers directory)."""
+    `out_dir/model` (a transformers directory). An adapter trained on a factorised model comes with that model
+    (without the adapter) as `out_dir/model`, which the adapter records as its base by absolute path."""
     checkpoints = dict(list_checkpoints(out_dir))
     step = result.best_step if result.best_step in checkpoints else max(checkpoints)
     source = checkpoints[step]  # type: ignore[index]
     load_weights(prepared.model, source)
     task_json = json.dumps(prepared.task.state(), indent=2) + "\n"
     if not isinstance(getattr(prepared.model, "lorakit_state", None), AdapterState):
-        def fill_model(tmp: Path) -> None:
-            if prepared.factorization is not None:  # U and V as trained; load_model builds LowRankLinear back
-                save_factorized(prepared.model, prepared.tokenizer, tmp, prepared.factorization, force=True)
-            else:
-                prepared.model.save_pretrained(tmp)  # type: ignore[operator]
-                prepared.tokenizer.save_pretrained(tmp)
+        _publish_model(prepared, out_dir / "model", task_json)
+        return out_dir / "model"
+    if prepared.factorization is not None:
+        _publish_model(prepared, out_dir / "model", task_json)
+        base = str((out_dir / "model").resolve())
+
+        def fill_rebased(tmp: Path) -> None:  # the checkpoint's adapter, saved again with its factorised base
+            staged = save_adapter(prepared.model, tmp / ADAPTER_DIR, base_model=base)
+            for file in staged.iterdir():
+                file.rename(tmp / file.name)
+            staged.rmdir()
             (tmp / TASK_NAME).write_text(task_json)
 
-        atomic_write_dir(out_dir / "model", fill_model)
-        return out_dir / "model"
+        atomic_write_dir(out_dir / ADAPTER_DIR, fill_rebased)
+        return out_dir / ADAPTER_DIR
 
     def fill(tmp: Path) -> None:
         for file in (source / ADAPTER_DIR).iterdir():
@@ -389,6 +459,55 @@ def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
 
     atomic_write_dir(out_dir / ADAPTER_DIR, fill)
     return out_dir / ADAPTER_DIR
+
+
+def _publish_model(prepared: Prepared, directory: Path, task_json: str) -> None:
+    """The model as a transformers directory with the task beside it; a factorised one with `factorization.json`
+    (U and V as trained; load_model builds the LowRankLinear layers back) and without any LoRA modules."""
+    def fill(tmp: Path) -> None:
+        if prepared.factorization is not None:
+            with _without_adapters(prepared.model, prepared.base_layers):
+                save_factorized(prepared.model, prepared.tokenizer, tmp, prepared.factorization, force=True)
+        else:
+            prepared.model.save_pretrained(tmp)  # type: ignore[operator]
+            prepared.tokenizer.save_pretrained(tmp)
+        (tmp / TASK_NAME).write_text(task_json)
+
+    atomic_write_dir(directory, fill)
+
+
+@contextmanager
+def _without_adapters(model: nn.Module, base_layers: dict[str, nn.Module]) -> Iterator[None]:
+    """`model` with each LoRA module swapped back for the base layer it replaced, as loading the adapter expects
+    the base: for a principal init W itself, not the residual W - s·B₀A₀ trained on. Undone on exit."""
+    if not base_layers:
+        yield
+        return
+    state = adapter_state(model)
+    modules = dict(model.named_modules())
+    adapted = {name: modules[name] for name in base_layers}
+    residuals: dict[str, nn.Parameter] = {}
+    for name, layer in base_layers.items():
+        if name in state.principal_init:
+            a0, b0 = state.principal_init[name]
+            lora: Any = adapted[name]
+            residuals[name] = layer.weight  # type: ignore[assignment]
+            w = lora_init.residual(lora.weight_matrix(), a0.to(residuals[name].device), b0.to(residuals[name].device),
+                                   -lora.scaling)  # W = residual + s·B₀A₀, in fp32
+            layer.weight = nn.Parameter(lora.matrix_to_weight(w).to(residuals[name].dtype), requires_grad=False)
+        _put(modules, name, layer)
+    try:
+        yield
+    finally:
+        for name, module in adapted.items():
+            _put(modules, name, module)
+            if name in residuals:
+                base_layers[name].weight = residuals[name]
+
+
+def _put(modules: dict[str, nn.Module], name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent], child, module)
 
 
 def _dir_bytes(path: Path) -> int:

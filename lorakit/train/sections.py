@@ -139,8 +139,11 @@ class RunSection:
 class CompressSection:
     """Factorise the base model's linear layers into low-rank pairs U·Vᵀ before training (see
     `lorakit.compress.factorize`); off unless one of ratio, energy and rank is set (at most one). The task head is
-    never factorised. Then `run.method` says what trains: `factors` (recovery fine-tuning), `full` or `head-only`
-    (the truncated model as it is); `lora` on a factorised model is not supported.
+    never factorised. Then `run.method` says what trains: `factors` (recovery fine-tuning), `full`, `head-only`
+    (the truncated model as it is) or `lora` (U and V frozen; the adapter and the head train). With `lora`,
+    lora.targets must not match a layer compress.targets factorises (checked once the model loads), and the run
+    publishes the factorised model as `model` and the adapter, which records that directory as its base, as
+    `adapter`.
 
     ratio: keep this share of the chosen layers' parameters, in (0, 1], spent where the spectra need it most.
     energy: per layer the smallest rank keeping this share of its energy, in (0, 1].

@@ -1,5 +1,6 @@
 """Bad `compress` sections through `lorakit train`: each is exit code 2 and one error line naming the keys and the
-fix, before any model loads; no file of the run changes."""
+fix, before any model loads (targets lora and compress both match: once it has loaded, before factorising); no file
+of the run changes."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ CASES = [
     pytest.param(["--run.method=factors", "--compress.ratio=0"],
                  r"compress\.ratio must be in \(0, 1\] or null, got 0", id="ratio-zero"),
     pytest.param(["--run.method=lora", "--compress.ratio=0.5"],
-                 r"run\.method=lora on a factorised model \(compress\.ratio is set\) is not supported; use "
-                 r"run\.method=factors", id="compress-with-lora"),
+                 r"lora\.targets and compress\.targets both match bert\.encoder\.layer\.0\.attention\.self\.query, "
+                 r".*: choose disjoint targets, e\.g\. compress\.targets=\[intermediate\.dense, output\.dense\] with "
+                 r"lora\.targets=\[query, value\]", id="lora-and-compress-on-the-same-layers"),
+    pytest.param(["--run.method=lora", "--compress.ratio=0.5", "--lora.targets=[all-linear]"],
+                 r"lora\.targets and compress\.targets both match .*, and \d+ more; LoRA trains on top of the "
+                 r"factorised model", id="lora-and-compress-both-all-linear"),
     pytest.param(["--run.method=factors"],
                  r"run\.method=factors trains the factors of a factorised model; set one of compress\.ratio",
                  id="factors-without-compress"),
