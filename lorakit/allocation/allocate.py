@@ -23,7 +23,8 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError, did_you_mean
 from lorakit.inject import fan_in_out, plan
 from lorakit.train.data import batch_indices
-from lorakit.train.run import _device, prepare
+from lorakit.train.preflight import resolve_device
+from lorakit.train.run import prepare
 from lorakit.train.sections import TrainConfig
 from lorakit.train.task import Batch, Features, Task
 
@@ -142,7 +143,7 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
         raise LorakitError(f"a budget of {total:,} adapter parameters is below rank {min_rank} on every module: "
                            f"the {len(names)} modules that lora.targets selects need at least {need:,}; raise the "
                            f"budget to {need:,} or more")
-    device = _device(config.run.device)
+    device = resolve_device(config.run.device)
     model.to(device)
     batches = probe_batch_list(task, prepared.train, config, probe_batches, device)
     started = time.perf_counter()

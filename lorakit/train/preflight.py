@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit.errors import LorakitError
 from lorakit.train.readers import existing_file
 
@@ -76,3 +78,11 @@ def check_data_files(data: Any) -> None:
         for file in files:
             if not Path(file).expanduser().exists():
                 existing_file(file)  # raises its "not found" error, with where relative paths start
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("run.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)

@@ -10,8 +10,6 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,34 +19,30 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
-from lorakit import init as lora_init
-from lorakit.compress import FactorizeReport, LowRankLinear, factorize, save_factorized
+from lorakit.compress import FactorizeReport, LowRankLinear, save_factorized
 from lorakit.config import LoraConfig
-from lorakit.distill import (
-    CACHE_NAME,
-    DistillTask,
-    LogitCache,
-    check_teacher,
-    check_teacher_source,
-    data_fingerprint,
-    load_teacher,
-    read_cache,
-    write_cache,
-)
+from lorakit.distill import check_teacher_source
 from lorakit.distributed import World
-from lorakit.errors import ConfigError, LorakitError
+from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
 from lorakit.inference import HEAD_FOR_TASK
-from lorakit.inject import AdapterState, InjectionReport, adapter_state, inject, plan
+from lorakit.inject import AdapterState, InjectionReport, inject
 from lorakit.io import TASK_NAME, save_adapter
 from lorakit.models import load_model
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
-from lorakit.targets import select_modules
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
+from lorakit.train.compress_setup import (
+    check_disjoint,
+    compress_model,
+    head_exclusions,
+    lora_base_layers,
+    without_adapters,
+)
 from lorakit.train.data import check_labels, map_columns, read_records
+from lorakit.train.distill_setup import distill_task
 from lorakit.train.loop import TrainResult, fit
 from lorakit.train.metrics_log import METRICS_FILE, plot_loss_curve
-from lorakit.train.preflight import check_data_files, check_max_length, check_output_dir
+from lorakit.train.preflight import check_data_files, check_max_length, check_output_dir, resolve_device
 from lorakit.train.readers import read_squad
 from lorakit.train.results import results_task
 from lorakit.train.sections import TrainConfig
@@ -179,138 +173,22 @@ def prepare(config: TrainConfig) -> Prepared:
         lora = LoraConfig.from_dict({**lora.to_dict(), "modules_to_save": lora.modules_to_save + heads})
     lora_on_factors = config.compress.enabled and config.run.method == "lora"
     if lora_on_factors:
-        _check_disjoint(model, lora, config.compress.targets, _head_exclusions(model, task))
-    factorization = _compress(config, model, task, train_features) if config.compress.enabled else None
+        check_disjoint(model, lora, config.compress.targets, head_exclusions(model, task))
+    factorization = compress_model(config, model, task, train_features) if config.compress.enabled else None
     if config.run.activation_checkpointing:
         enable_activation_checkpointing(model)
     base_layers: dict[str, nn.Module] = {}
     if config.run.method == "lora":
         if lora_on_factors:
-            base_layers = _lora_base_layers(model, lora)
+            base_layers = lora_base_layers(model, lora)
         report = inject(model, lora)
     elif config.run.method == "factors":
         report = _unfreeze(model, heads + [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
     else:
         report = _unfreeze(model, heads if config.run.method == "head-only" else None)
     if config.distill.enabled:
-        task, train_features = _distill(config, model, tokenizer, task, train_features)
+        task, train_features = distill_task(config, model, tokenizer, task, train_features)
     return Prepared(model, tokenizer, task, train_features, eval_features, report, factorization, base_layers)
-
-
-def _check_disjoint(model: nn.Module, lora: LoraConfig, compress_targets: list[str], exclude: list[str]) -> None:
-    """Refuse LoRA targets that compress would factorise, before any SVD runs: LoRA trains on top of the frozen
-    factorised model, never on the factors themselves. Targets that do not resolve are left to factorize and
-    inject, which report them on the model they act on."""
-    modules = dict(model.named_modules())
-    try:
-        adapted = select_modules(model, lora.targets, lora.exclude, lora.modules_to_save, modules=modules).adapted
-        factorised = set(select_modules(model, compress_targets, exclude, [], modules=modules).adapted)
-    except ConfigError:
-        return
-    both = [n for n in adapted if n in factorised]
-    if both:
-        raise LorakitError(f"lora.targets and compress.targets both match {_some(both)}; LoRA trains "
-                           "on top of the factorised model, not on its factors: choose disjoint targets, e.g. "
-                           f"{_disjoint_example(modules)}")
-
-
-def _some(names: list[str], n: int = 3) -> str:
-    """The first `n` names and how many more: one readable line."""
-    return ", ".join(names[:n]) + (f", and {len(names) - n} more" if len(names) > n else "")
-
-
-def _disjoint_example(modules: dict[str, nn.Module]) -> str:
-    """A pair of disjoint targets for the model's family: factorise the feed-forward layers, adapt attention."""
-    leaves = {n.rpartition(".")[2] for n in modules}
-    if "query" in leaves:
-        return "compress.targets=[intermediate.dense, output.dense] with lora.targets=[query, value]"
-    if "q_proj" in leaves:
-        return "compress.targets=[gate_proj, up_proj, down_proj] with lora.targets=[q_proj, v_proj]"
-    if "c_attn" in leaves:
-        return "compress.targets=[c_fc, mlp.c_proj] with lora.targets=[c_attn]"
-    return "compress.targets on the feed-forward layers with lora.targets on the attention projections"
-
-
-def _lora_base_layers(model: nn.Module, lora: LoraConfig) -> dict[str, nn.Module]:
-    """The layers LoRA will replace on a factorised model, by name; a target inside a factorised layer (its `down`
-    or `up` factor, reachable only once factorised) is refused like an overlapping target."""
-    modules = dict(model.named_modules())
-    adapted = plan(model, lora).adapted
-    inside = [n for n in adapted if isinstance(modules[n.rpartition(".")[0]], LowRankLinear)]
-    if inside:
-        raise LorakitError(f"lora.targets match {_some(inside)}: factors of layers compress factorised; "
-                           "LoRA trains on top of the factorised model, not on its factors: choose lora.targets "
-                           f"outside compress.targets, e.g. {_disjoint_example(modules)}")
-    return {n: modules[n] for n in adapted}
-
-
-def _distill(config: TrainConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
-             train: list[Features]) -> tuple[DistillTask, list[Features]]:
-    """The student task wrapped to learn from the `distill` section's teacher (loaded and checked against the
-    student), and the training features indexed for it; with `distill.cache`, the teacher's logits are read from
-    the cache file, or computed once and written there."""
-    d = config.distill
-    kind = "classification" if config.data.task == "classification" else "causal-lm"
-    try:
-        teacher = load_teacher(d.teacher, adapter=d.teacher_adapter, dtype=getattr(torch, config.model.dtype))
-        check_teacher(teacher, model, tokenizer, kind=kind, labels=getattr(task, "labels", None))
-    except LorakitError as e:
-        raise LorakitError(f"distill: {e}") from None
-    distilled = DistillTask(task, teacher, kind=kind, alpha=d.alpha, temperature=d.temperature,
-                            chunk_size=d.chunk_size)
-    train = distilled.index(train)
-    if d.cache:
-        distilled.use_cache(_teacher_cache(config, distilled, train))
-    return distilled, train
-
-
-def _teacher_cache(config: TrainConfig, task: DistillTask, train: list[Features]) -> LogitCache:
-    """The teacher-logit cache of this run's training data and teacher: read from distill.cache_path (default
-    run.out_dir/teacher-logits.safetensors) when it is there (refused when stale), else computed and written."""
-    d = config.distill
-    path = Path(d.cache_path) if d.cache_path else Path(config.run.out_dir) / CACHE_NAME
-    keys = {"data": data_fingerprint(train), "teacher": task.teacher.fingerprint(), "kind": task.kind}
-    if path.is_file():
-        try:
-            return read_cache(path, **keys)
-        except LorakitError as e:
-            raise LorakitError(f"distill: {e}") from None
-    world = World.from_env()
-    device = distributed.device_for(world, _device(config.run.device))
-    try:
-        cache = task.build_cache(train, device=device, batch_size=config.run.eval_batch_size,
-                                 max_bytes=int(d.cache_max_gb * 2**30))
-    except LorakitError as e:
-        raise LorakitError(f"distill: {e}") from None
-    finally:
-        task.teacher.model.to("cpu")  # the teacher is not needed again: free the accelerator's memory
-    if world.is_main:
-        write_cache(path, cache.logits, cache.offsets, teacher_name=task.teacher.name, **keys)
-    log.info("cached the teacher's logits over %d training examples in %s", len(train), path)
-    return cache
-
-
-def _compress(config: TrainConfig, model: nn.Module, task: Task, train: list[Features]) -> FactorizeReport:
-    """Factorise `model`'s linear layers as the `compress` section says, the task's head modules excluded; the
-    activation method calibrates on the first calibration_examples training features (without their labels)."""
-    c = config.compress
-    exclude = _head_exclusions(model, task)
-    calibration = None
-    if c.method == "activation":
-        batch = task.collate(train[:c.calibration_examples])
-        calibration = {k: v for k, v in batch.items() if k != "labels"}
-    try:
-        return factorize(model, c.targets, exclude=exclude, rank=c.rank, energy=c.energy, ratio=c.ratio,
-                         method=c.method, calibration=calibration, rank_multiple=c.rank_multiple)
-    except LorakitError as e:
-        raise LorakitError(f"compress: {e}") from None
-
-
-def _head_exclusions(model: nn.Module, task: Task) -> list[str]:
-    """The task's head modules and everything inside them: never factorised."""
-    heads = task.head_modules(model)
-    names = [n for n, _ in model.named_modules() if n]
-    return [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
 
 
 def _unfreeze(model: nn.Module, heads: list[str] | None) -> InjectionReport:
@@ -358,7 +236,7 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool 
     fresh = not out_dir.exists()
     if not resume and World.from_env().is_main:
         _claim_run_dir(out_dir, force)
-    device = _device(config.run.device)
+    device = resolve_device(config.run.device)
     world = world or distributed.init_world(device)
     device = distributed.device_for(world, device)
     try:
@@ -466,7 +344,7 @@ def _publish_model(prepared: Prepared, directory: Path, task_json: str) -> None:
     (U and V as trained; load_model builds the LowRankLinear layers back) and without any LoRA modules."""
     def fill(tmp: Path) -> None:
         if prepared.factorization is not None:
-            with _without_adapters(prepared.model, prepared.base_layers):
+            with without_adapters(prepared.model, prepared.base_layers):
                 save_factorized(prepared.model, prepared.tokenizer, tmp, prepared.factorization, force=True)
         else:
             prepared.model.save_pretrained(tmp)  # type: ignore[operator]
@@ -476,47 +354,6 @@ def _publish_model(prepared: Prepared, directory: Path, task_json: str) -> None:
     atomic_write_dir(directory, fill)
 
 
-@contextmanager
-def _without_adapters(model: nn.Module, base_layers: dict[str, nn.Module]) -> Iterator[None]:
-    """`model` with each LoRA module swapped back for the base layer it replaced, as loading the adapter expects
-    the base: for a principal init W itself, not the residual W - s·B₀A₀ trained on. Undone on exit."""
-    if not base_layers:
-        yield
-        return
-    state = adapter_state(model)
-    modules = dict(model.named_modules())
-    adapted = {name: modules[name] for name in base_layers}
-    residuals: dict[str, nn.Parameter] = {}
-    for name, layer in base_layers.items():
-        if name in state.principal_init:
-            a0, b0 = state.principal_init[name]
-            lora: Any = adapted[name]
-            residuals[name] = layer.weight  # type: ignore[assignment]
-            w = lora_init.residual(lora.weight_matrix(), a0.to(residuals[name].device), b0.to(residuals[name].device),
-                                   -lora.scaling)  # W = residual + s·B₀A₀, in fp32
-            layer.weight = nn.Parameter(lora.matrix_to_weight(w).to(residuals[name].dtype), requires_grad=False)
-        _put(modules, name, layer)
-    try:
-        yield
-    finally:
-        for name, module in adapted.items():
-            _put(modules, name, module)
-            if name in residuals:
-                base_layers[name].weight = residuals[name]
-
-
-def _put(modules: dict[str, nn.Module], name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(modules[parent], child, module)
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else 0
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LorakitError("run.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
