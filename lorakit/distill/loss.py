@@ -13,15 +13,14 @@ each chunk is recomputed in backward under activation checkpointing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.errors import LorakitError
+from lorakit.train.lm_loss import chunked_linear_loss, linear_backward
 
 # The teacher's logits for rows [start, stop) of a batch's supervised rows: (stop - start, V), without grad.
 TeacherChunk = Callable[[int, int], Tensor]
@@ -64,10 +63,15 @@ def linear_kd_sum(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     """
     check_kd_settings(alpha, temperature)
     _check_chunk_size(chunk_size)
-    grad_on = torch.is_grad_enabled()
-    wants = tuple(grad_on and t is not None and t.requires_grad for t in (rows, weight, bias))
-    out: Tensor = _LinearKD.apply(rows, weight, bias, targets, teacher, (alpha, temperature), chunk_size, wants)
-    return out
+
+    def chunk(start: int, stop: int, grad_rows: Tensor | None, grad_weight: Tensor | None,
+              grad_bias: Tensor | None) -> Tensor:
+        with torch.no_grad():
+            soft = teacher(start, stop)
+        return _chunk_kd(rows[start:stop], weight, bias, targets[start:stop], soft, (alpha, temperature), grad_rows,
+                         grad_weight, grad_bias)
+
+    return chunked_linear_loss(rows, weight, bias, chunk, chunk_size)
 
 
 def head_kd_sum(rows: Tensor, head: nn.Module, targets: Tensor, teacher: TeacherChunk, *, alpha: float,
@@ -102,37 +106,6 @@ def _rows_kd(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float, te
     return alpha * hard + (1.0 - alpha) * temperature ** 2 * soft
 
 
-class _LinearKD(torch.autograd.Function):
-    """Summed KD loss of a linear layer's logits, the gradients computed chunk by chunk in forward
-    (d loss / d logits = α·(softmax(s) - one_hot) + (1 - α)·T·(softmax(s/T) - softmax(t/T))) and only scaled by the
-    incoming gradient in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, teacher: TeacherChunk,
-                settings: tuple[float, float], chunk_size: int, wants: tuple[bool, bool, bool]) -> Tensor:
-        want_rows, want_weight, want_bias = wants
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad_rows = torch.empty_like(rows) if want_rows else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
-        for start in range(0, rows.shape[0], chunk_size):
-            stop = min(start + chunk_size, rows.shape[0])
-            with torch.no_grad():
-                soft = teacher(start, stop)
-            total += _chunk_kd(rows[start:stop], weight, bias, targets[start:stop], soft, settings,
-                               None if grad_rows is None else grad_rows[start:stop], grad_weight, grad_bias)
-        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
-        ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        grads = [None if g is None else (g * grad_total).to(dtype)
-                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
-        return (*grads, None, None, None, None, None)
-
-
 def _chunk_kd(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, teacher: Tensor,
               settings: tuple[float, float], grad_rows: Tensor | None, grad_weight: Tensor | None,
               grad_bias: Tensor | None) -> Tensor:
@@ -156,13 +129,7 @@ def _chunk_kd(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor
     grad_logits = log_p.exp_().mul_(alpha)  # α·softmax(s)
     grad_logits[torch.arange(len(targets), device=rows.device), targets] -= alpha  # - α·one_hot
     grad_logits += log_q_student.exp_().sub_(q_teacher).mul_((1.0 - alpha) * temperature)
-    grad = grad_logits.to(weight.dtype)
-    if grad_rows is not None:
-        grad_rows.copy_(grad @ weight)  # (n, H)
-    if grad_weight is not None:
-        grad_weight += grad.T @ rows.to(weight.dtype)  # (V, H)
-    if grad_bias is not None:
-        grad_bias += grad_logits.sum(0)
+    linear_backward(grad_logits, rows, weight, grad_rows, grad_weight, grad_bias)
     return total
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -79,9 +80,28 @@ def linear_cross_entropy_sum(rows: Tensor, weight: Tensor, bias: Tensor | None, 
     """Summed cross-entropy of `rows @ weight.T + bias` (N, V) against `targets` (N,), in chunks of rows;
     a float32 scalar with gradients for whichever of rows, weight and bias require them."""
     _check_chunk_size(chunk_size)
+
+    def chunk(start: int, stop: int, grad_rows: Tensor | None, grad_weight: Tensor | None,
+              grad_bias: Tensor | None) -> Tensor:
+        return _chunk_cross_entropy(rows[start:stop], weight, bias, targets[start:stop], grad_rows, grad_weight,
+                                    grad_bias)
+
+    return chunked_linear_loss(rows, weight, bias, chunk, chunk_size)
+
+
+# chunk(start, stop, grad_rows, grad_weight, grad_bias) -> the summed loss of rows[start:stop]; writes d/d rows into
+# grad_rows (the chunk's view) and adds d/d weight and d/d bias into the accumulators given (None: not wanted).
+ChunkLoss = Callable[[int, int, Tensor | None, Tensor | None, Tensor | None], Tensor]
+
+
+def chunked_linear_loss(rows: Tensor, weight: Tensor, bias: Tensor | None, chunk: ChunkLoss, chunk_size: int
+                        ) -> Tensor:
+    """A summed loss of the logits `rows @ weight.T + bias` (N, V), computed by `chunk` on chunks of rows, which
+    also computes each chunk's gradients in forward, so no (N, V) tensor is ever whole; a float32 scalar with
+    gradients for whichever of rows, weight and bias require them."""
     grad_on = torch.is_grad_enabled()
     wants = tuple(grad_on and t is not None and t.requires_grad for t in (rows, weight, bias))
-    out: Tensor = _LinearCrossEntropy.apply(rows, weight, bias, targets, chunk_size, wants)
+    out: Tensor = _ChunkedLinearLoss.apply(rows, weight, bias, chunk, chunk_size, wants)
     return out
 
 
@@ -127,12 +147,12 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     return head_cross_entropy_sum(rows, head, targets, chunk_size), int(rows.shape[0])
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of a linear layer's logits, with the gradients computed chunk by chunk in forward
-    (d loss / d logits = softmax - one_hot) and only scaled by the incoming gradient in backward."""
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """A summed loss of a linear layer's logits, with the gradients computed chunk by chunk in forward (by the
+    chunk function) and only scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor | None, chunk: ChunkLoss,
                 chunk_size: int, wants: tuple[bool, bool, bool]) -> Tensor:
         want_rows, want_weight, want_bias = wants
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -140,10 +160,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         for start in range(0, rows.shape[0], chunk_size):
-            stop = start + chunk_size
-            total += _chunk_cross_entropy(rows[start:stop], weight, bias, targets[start:stop],
-                                          None if grad_rows is None else grad_rows[start:stop], grad_weight,
-                                          grad_bias)
+            stop = min(start + chunk_size, rows.shape[0])
+            total += chunk(start, stop, None if grad_rows is None else grad_rows[start:stop], grad_weight, grad_bias)
         ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
         ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -172,14 +190,21 @@ def _chunk_cross_entropy(rows: Tensor, weight: Tensor, bias: Tensor | None, targ
         return total
     probs = exps.div_(sums)  # softmax
     probs[torch.arange(len(targets), device=probs.device), targets] -= 1.0  # d loss / d logits = softmax - one_hot
-    grad_logits = probs.to(weight.dtype)
-    if grad_rows is not None:
-        grad_rows.copy_(grad_logits @ weight)  # (n, H)
-    if grad_weight is not None:
-        grad_weight += grad_logits.T @ rows.to(weight.dtype)  # (V, H)
-    if grad_bias is not None:
-        grad_bias += probs.sum(0)
+    linear_backward(probs, rows, weight, grad_rows, grad_weight, grad_bias)
     return total
+
+
+def linear_backward(grad_logits: Tensor, rows: Tensor, weight: Tensor, grad_rows: Tensor | None,
+                    grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    """From d loss / d logits (n, V, float32) of logits = rows @ weight.T + bias: write d/d rows (n, H) into
+    `grad_rows` and add d/d weight (V, H) and d/d bias (V,) into the accumulators given."""
+    grad = grad_logits.to(weight.dtype)
+    if grad_rows is not None:
+        grad_rows.copy_(grad @ weight)
+    if grad_weight is not None:
+        grad_weight += grad.T @ rows.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def _head_chunk_sum(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
