@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +90,19 @@ def read_factorization(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def load_factorized(path: str | Path, auto_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
     """The factorised model saved in `path`: `auto_class.from_config(config)` in `dtype`, its recorded modules
-    replaced by empty `LowRankLinear`s, the safetensors weights loaded strictly. Raises LorakitError naming the
-    missing and unexpected keys."""
+    replaced by empty `LowRankLinear`s, the safetensors weights loaded strictly.
+
+    As transformers' `from_pretrained` does, a directory saved as a bare model (BertModel) loads under a head
+    (BertForSequenceClassification: names gain the `base_model_prefix`; the new head keeps its fresh
+    initialisation), and one saved with a head loads as the bare model (the head's weights are left out). Raises
+    LorakitError naming the missing and unexpected keys otherwise."""
     source = Path(path).expanduser()
     layers = read_factorization(source)
     model: nn.Module = auto_class.from_config(config, dtype=dtype)
     modules = dict(model.named_modules())
+    prefix, mode = _prefix_mode(model, list(layers), modules)
+    rename = _renamer(prefix, mode)
+    layers = {rename(n): layer for n, layer in layers.items()}
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise LorakitError(f"{source / FACTORIZATION_NAME} names modules the model lacks: {', '.join(unknown)}")
@@ -108,14 +116,39 @@ def load_factorized(path: str | Path, auto_class: Any, config: Any, dtype: torch
         raise LorakitError(f"{source} holds no *.safetensors weights; save the model again with save_factorized")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        for key, value in load_file(str(file)).items():
+            if mode != "strip" or key.startswith(prefix + "."):  # stripping: the saved head is left out
+                state[rename(key)] = value
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()  # type: ignore[operator]
     missing = _untied(model, result.missing_keys, set(state))
+    if mode == "add":  # the head the bare checkpoint lacks keeps its initialisation
+        missing = [k for k in missing if k.startswith(prefix + ".")]
     if missing or result.unexpected_keys:
         raise LorakitError(f"the weights in {source} do not fit its factorization record: missing "
                            f"{', '.join(missing) or 'none'}; unexpected {', '.join(result.unexpected_keys) or 'none'}")
     return model
+
+
+def _prefix_mode(model: nn.Module, names: list[str], modules: dict[str, nn.Module]) -> tuple[str, str]:
+    """(the model's base_model_prefix, how recorded names map to the model's): "same", "add" (saved bare, loaded
+    with a head) or "strip" (saved with a head, loaded bare)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or all(n in modules for n in names):
+        return prefix, "same"
+    if all(f"{prefix}.{n}" in modules for n in names):
+        return prefix, "add"
+    if all(n.startswith(prefix + ".") and n[len(prefix) + 1:] in modules for n in names):
+        return prefix, "strip"
+    return prefix, "same"  # the unknown names are reported
+
+
+def _renamer(prefix: str, mode: str) -> Callable[[str], str]:
+    if mode == "add":
+        return lambda name: f"{prefix}.{name}"
+    if mode == "strip":
+        return lambda name: name[len(prefix) + 1:]
+    return lambda name: name
 
 
 def _untied(model: nn.Module, missing: list[str], loaded: set[str]) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lorakit.errors import ConfigError, did_you_mean
+from lorakit.factorized import LowRankLinear
 
 try:  # GPT-2 style linear layer with a (fan_in, fan_out) weight.
     from transformers.pytorch_utils import Conv1D
@@ -97,15 +98,20 @@ def select_modules(model: nn.Module, targets: list[str], exclude: list[str], mod
     if modules is None:
         modules = dict(model.named_modules())
     names = [n for n in modules if n]
-    adaptable = [n for n in names if is_adaptable(modules[n])]
+    factors = factor_names(modules)
+    adaptable = [n for n in names if is_adaptable(modules[n]) and n not in factors]
     problems: list[str] = []
     chosen: set[str] = set()
     expanded = _expand_presets(model, modules, targets, adaptable)
     for pattern in expanded:
         hits = [n for n in names if matches(pattern, n)]
-        good = [n for n in hits if is_adaptable(modules[n])]
+        good = [n for n in hits if is_adaptable(modules[n]) and n not in factors]
         if not hits:
             problems.append(_no_match_message(pattern, names, adaptable))
+        elif not good and all(n in factors for n in hits):
+            problems.append(f"target {pattern!r} matches only factors of factorised layers "
+                            f"({', '.join(hits[:3])}{', ...' if len(hits) > 3 else ''}), which LoRA does not adapt; "
+                            "target layers left dense, or train the factors themselves (run.method=factors)")
         elif not good:
             kinds = sorted({type(modules[n]).__name__ for n in hits})
             problems.append(
@@ -131,6 +137,13 @@ def select_modules(model: nn.Module, targets: list[str], exclude: list[str], mod
     if problems:
         raise ConfigError(problems)
     return Selection(ordered, saved)
+
+
+def factor_names(modules: dict[str, nn.Module]) -> set[str]:
+    """The `down` and `up` factors of the model's factorised layers (`LowRankLinear`): linear layers LoRA leaves
+    alone (`all-linear` skips them), as the pair stands for one weight U·Vᵀ."""
+    return {f"{n}.{child}" if n else child for n, m in modules.items() if isinstance(m, LowRankLinear)
+            for child in ("down", "up")}
 
 
 def _expand_presets(model: nn.Module, modules: dict[str, nn.Module], targets: list[str], adaptable: list[str]

@@ -82,3 +82,15 @@ def test_tied_embeddings_are_refused_not_untied():
 def test_target_inside_modules_to_save_is_an_error():
     with pytest.raises(ConfigError, match="both a LoRA target"):
         select_modules(tiny_bert(), ["bert"], [], ["bert.encoder.layer.0"])
+
+
+def test_lora_targets_skip_the_factors_of_factorised_layers():
+    from lorakit.compress import factorize
+
+    model = tiny_llama()
+    factorize(model, ["gate_proj", "up_proj", "down_proj"], rank=2)
+    chosen = select_modules(model, ["all-linear"], [], []).adapted
+    assert chosen and not any(n.endswith((".down", ".up")) for n in chosen)
+    assert all("mlp" not in n for n in chosen)  # the factorised layers themselves are not linear layers
+    with pytest.raises(ConfigError, match=r"'gate_proj\.up' matches only factors of factorised layers"):
+        select_modules(model, ["gate_proj.up"], [], [])

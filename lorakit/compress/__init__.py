@@ -12,8 +12,9 @@
 from lorakit.compress.command import factorize_model
 from lorakit.compress.factorize import FactorizeReport, ModuleFactor, check_factorize_args, factorize
 from lorakit.compress.prune import ModulePrune, PruneReport, check_prune_args, prune_adapter
-from lorakit.compress.saved import export_dense, save_factorized
+from lorakit.compress.saved import export_dense, factorization_of, save_factorized
 from lorakit.factorized import LowRankLinear
 
 __all__ = ["FactorizeReport", "LowRankLinear", "ModuleFactor", "ModulePrune", "PruneReport", "check_factorize_args",
-           "check_prune_args", "export_dense", "factorize", "factorize_model", "prune_adapter", "save_factorized"]
+           "check_prune_args", "export_dense", "factorization_of", "factorize",
+           "factorize_model", "prune_adapter", "save_factorized"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.compress.factorize import FactorizeReport
+from lorakit.compress.factorize import FactorizeReport, ModuleFactor
 from lorakit.errors import LorakitError
 from lorakit.factorized import FACTORIZATION_NAME, LowRankLinear
 from lorakit.fileio import atomic_write_bytes
@@ -58,6 +58,16 @@ def save_factorized(model: nn.Module, tokenizer: Any, out_dir: str | Path, repor
               "parameters_after": report.parameters_after, "command": command, "modules": layers}
     atomic_write_bytes(out / FACTORIZATION_NAME, (json.dumps(record, indent=1) + "\n").encode())
     return out
+
+
+def factorization_of(model: nn.Module, method: str = "loaded") -> FactorizeReport:
+    """A report of the `LowRankLinear` layers `model` holds (a model loaded factorised, then trained), for
+    `save_factorized`; the discarded shares are unknown here (nan)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    return FactorizeReport(method, [
+        ModuleFactor(n, (m.out_features, m.in_features), m.rank,
+                     m.out_features * m.in_features + (m.out_features if m.up.bias is not None else 0),
+                     sum(p.numel() for p in m.parameters()), float("nan")) for n, m in layers])
 
 
 def export_dense(model: nn.Module | str | Path, out_dir: str | Path, *, tokenizer: Any = None,

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from lorakit import init as lora_init
-from lorakit.compress import FactorizeReport, LowRankLinear, factorize
+from lorakit.compress import FactorizeReport, factorize
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import adapter_state, plan
@@ -77,15 +77,10 @@ def _disjoint_example(modules: dict[str, nn.Module]) -> str:
 
 
 def lora_base_layers(model: nn.Module, lora: LoraConfig) -> dict[str, nn.Module]:
-    """The layers LoRA will replace on a factorised model, by name; a target inside a factorised layer (its `down`
-    or `up` factor, reachable only once factorised) is refused like an overlapping target."""
+    """The layers LoRA will replace on a factorised model, by name (the factors themselves are never LoRA targets:
+    `lorakit.targets.select_modules` refuses them)."""
     modules = dict(model.named_modules())
     adapted = plan(model, lora).adapted
-    inside = [n for n in adapted if isinstance(modules[n.rpartition(".")[0]], LowRankLinear)]
-    if inside:
-        raise LorakitError(f"lora.targets match {_some(inside)}: factors of layers compress factorised; "
-                           "LoRA trains on top of the factorised model, not on its factors: choose lora.targets "
-                           f"outside compress.targets, e.g. {_disjoint_example(modules)}")
     return {n: modules[n] for n in adapted}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from lorakit.errors import ConfigError, did_you_mean
+from lorakit.factorized import is_factorized_dir
 from lorakit.train.rank_pattern_file import read_rank_pattern_file
 from lorakit.train.sections import BOUNDS, CHOICES, SECTION_TYPES, TrainConfig
 from lorakit.train.yaml_loader import ConfigLoader, Problem
@@ -271,10 +272,10 @@ def _compress_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]
     if len(given) > 1:
         out.append((tuple(given), f"{' and '.join(given)} are set; set at most one of compress.ratio, "
                                   "compress.energy and compress.rank"))
-    if not given and method == "factors":
+    if not given and method == "factors" and not is_factorized_dir(config.model.name):
         out.append((("run.method",), "run.method=factors trains the factors of a factorised model; set one of "
-                                     "compress.ratio, compress.energy and compress.rank, or choose another "
-                                     "run.method"))
+                                     "compress.ratio, compress.energy and compress.rank, or set model.name to a "
+                                     "factorised model directory (lorakit factorize), or choose another run.method"))
     return out
 
 

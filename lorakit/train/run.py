@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
-from lorakit.compress import FactorizeReport, LowRankLinear, save_factorized
+from lorakit.compress import FactorizeReport, LowRankLinear, factorization_of, save_factorized
 from lorakit.config import LoraConfig
 from lorakit.distill import check_teacher_source
 from lorakit.distributed import World
@@ -343,9 +343,12 @@ def _publish_model(prepared: Prepared, directory: Path, task_json: str) -> None:
     """The model as a transformers directory with the task beside it; a factorised one with `factorization.json`
     (U and V as trained; load_model builds the LowRankLinear layers back) and without any LoRA modules."""
     def fill(tmp: Path) -> None:
-        if prepared.factorization is not None:
+        factorization = prepared.factorization
+        if factorization is None and any(isinstance(m, LowRankLinear) for m in prepared.model.modules()):
+            factorization = factorization_of(prepared.model)  # model.name was a factorised directory
+        if factorization is not None:
             with without_adapters(prepared.model, prepared.base_layers):
-                save_factorized(prepared.model, prepared.tokenizer, tmp, prepared.factorization, force=True)
+                save_factorized(prepared.model, prepared.tokenizer, tmp, factorization, force=True)
         else:
             prepared.model.save_pretrained(tmp)  # type: ignore[operator]
             prepared.tokenizer.save_pretrained(tmp)

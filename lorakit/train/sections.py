@@ -113,8 +113,8 @@ class RunSection:
     eval_batch_size: examples per forward pass in evaluation.
     group_by_length: batch examples of similar length together (less padding; the order stays random).
     method: what trains: `lora` (the adapter, plus any new task head), `head-only` (the task head alone),
-        `full` (every parameter; the baseline LoRA is measured against) or `factors` (with `compress`: only the
-        factorised layers' U and V, plus the task head: recovery fine-tuning after factorising).
+        `full` (every parameter; the baseline LoRA is measured against) or `factors` (with `compress`, or a
+        factorised model.name: only the factorised layers' U and V, plus the task head: recovery fine-tuning).
     activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
     mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
     device: auto (CUDA when there is one), cpu or cuda.

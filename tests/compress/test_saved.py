@@ -136,3 +136,17 @@ def test_cli_factorize_dense_writes_a_plain_checkpoint_with_the_factorised_outpu
     with torch.no_grad():
         assert_close(dense(input_ids=ids).last_hidden_state, factorised(input_ids=ids).last_hidden_state,
                      row="fp32 reordered")
+
+
+def test_a_factorised_model_saved_with_a_head_loads_as_the_bare_model(tmp_path):
+    model, report = _factorised("bert")
+    save_factorized(model, None, tmp_path / "f", report)
+    from transformers import AutoModel
+
+    from lorakit.factorized import load_factorized
+
+    bare = load_factorized(tmp_path / "f", AutoModel, model.config, torch.float32).eval()
+    assert type(bare).__name__ == "BertModel"
+    assert isinstance(bare.encoder.layer[0].attention.self.query, LowRankLinear)
+    with torch.no_grad():
+        assert torch.equal(bare(input_ids=IDS).last_hidden_state, model.bert(input_ids=IDS).last_hidden_state)
