@@ -110,8 +110,9 @@ def select_modules(model: nn.Module, targets: list[str], exclude: list[str], mod
             problems.append(_no_match_message(pattern, names, adaptable))
         elif not good and all(n in factors for n in hits):
             problems.append(f"target {pattern!r} matches only factors of factorised layers "
-                            f"({', '.join(hits[:3])}{', ...' if len(hits) > 3 else ''}), which LoRA does not adapt; "
-                            "target layers left dense, or train the factors themselves (run.method=factors)")
+                            f"({', '.join(hits[:3])}{', ...' if len(hits) > 3 else ''}), which lorakit neither adapts "
+                            "nor factorises again; target layers left dense, or train the factors themselves "
+                            "(run.method=factors)")
         elif not good:
             kinds = sorted({type(modules[n]).__name__ for n in hits})
             problems.append(

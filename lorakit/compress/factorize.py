@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.factorized import LowRankLinear
+from lorakit.lowrank import factor_svd
 from lorakit.targets import LINEAR_TYPES, select_modules
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,6 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
         raise LorakitError(f"factorize works on linear layers only; targets also match {', '.join(others)} "
                            f"({', '.join(sorted({type(modules[n]).__name__ for n in others}))}); exclude them")
     names = selection.adapted
-    inside = [n for n in names if isinstance(modules[n.rpartition(".")[0]], LowRankLinear)]
-    if inside:
-        raise LorakitError(f"{', '.join(inside)} already belong to factorised layers; factorise a fresh model, or "
-                           "exclude them (exclude=['down', 'up'])")
     weights = {n: _dense_weight(modules[n]) for n in names}
     if rank is not None:
         too_big = [f"{n} {tuple(w.shape)}" for n, w in weights.items() if rank > min(w.shape)]
@@ -167,9 +164,9 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
         if k is None:
             report.append(ModuleFactor(name, tuple(w.shape), None, before, before, 0.0))  # type: ignore[arg-type]
             continue
-        root = spec.s[:k].sqrt()  # Σ split evenly between the factors keeps both equally scaled
+        up, down = _balanced_factors(spec, k, whitened=method == "activation")
         ref = module.weight
-        layer = LowRankLinear.from_factors((spec.u[:, :k] * root).to(ref.dtype), (spec.v[:, :k] * root).to(ref.dtype),
+        layer = LowRankLinear.from_factors(up.to(ref.dtype), down.to(ref.dtype),
                                            None if bias is None else bias.detach())
         layer.to(device=ref.device)
         new[name] = layer
@@ -183,6 +180,20 @@ def factorize(model: nn.Module, targets: list[str], *, exclude: list[str] | None
     log.info("factorized %d of %d modules (%s): %d -> %d parameters", len(new), len(names), method,
              sum(m.parameters_before for m in report), sum(m.parameters_after for m in report))
     return FactorizeReport(method, report)
+
+
+def _balanced_factors(spec: _Spectrum, k: int, whitened: bool) -> tuple[Tensor, Tensor]:
+    """U (out, k) and V (in, k) with U·Vᵀ the kept rank-k weight and both factors equally scaled: U_k √Σ_k and
+    V_k √Σ_k for orthonormal U_k, V_k. The whitened V (L⁻ᵀ V_k) is not orthonormal (L⁻¹ is large where the
+    calibration inputs are small), so the kept W' = U_k Σ_k (L⁻ᵀ V_k)ᵀ is split again from its own SVD, computed
+    from these factors (`lowrank.factor_svd`); W' is unchanged, but its factors no longer differ in scale by
+    L⁻¹'s, which made recovery fine-tuning of the activation-aware factors unstable (docs/compression.md)."""
+    if not whitened:
+        root = spec.s[:k].sqrt()
+        return spec.u[:, :k] * root, spec.v[:, :k] * root
+    svd = factor_svd(spec.u[:, :k] * spec.s[:k], spec.v[:, :k].T)
+    root = svd.s.sqrt()
+    return svd.u * root, svd.v * root
 
 
 def _dense_weight(module: nn.Module) -> Tensor:

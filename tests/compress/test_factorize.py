@@ -98,7 +98,9 @@ def test_full_rank_factorization_of_gpt2_conv1d_layers_reproduces_logits(token_i
 def test_factorizing_a_factorized_model_again_raises():
     model = tiny_llama()
     factorize(model, ["all-linear"], ratio=0.5)
-    with pytest.raises(LorakitError, match=r"already belong to factorised layers"):
+    with pytest.raises(LorakitError, match=r"target 'down' matches only factors of factorised layers"):
+        factorize(model, ["down"], ratio=0.5)
+    with pytest.raises(LorakitError, match=r"leave no module to adapt"):  # all-linear skips the factors
         factorize(model, ["all-linear"], ratio=0.5)
 
 
@@ -193,6 +195,18 @@ def test_activation_aware_output_error_is_the_optimum_from_the_symmetric_square_
     optimum = float((s[8:] ** 2).sum())
     assert _output_error(model, dense, bias, x) ** 2 == pytest.approx(optimum, rel=1e-5)  # damping 1e-6 of mean diag
     assert report.modules[0].discarded == pytest.approx(optimum / float((s ** 2).sum()), rel=1e-5)
+
+
+def test_activation_aware_factors_are_balanced_and_keep_the_optimal_weight():
+    """U and V of the whitened truncation carry √σ of the kept weight each, as plain SVD's do: U (out, k) and
+    V (in, k) with UᵀU = VᵀV = diag(σ(W')), the singular values of W' = U Vᵀ, however small the inputs."""
+    x = _anisotropic_inputs(4) * torch.logspace(-3, 0, 48, dtype=torch.float64)  # some input directions tiny
+    model = _single_layer(4)
+    factorize(model, ["0"], rank=6, method="activation", calibration=[{"input": x}])
+    u, v = model[0].up.weight.detach(), model[0].down.weight.detach().T  # (40, 6), (48, 6)
+    s = torch.linalg.svdvals(u @ v.T)[:6]
+    assert_close(u.T @ u, torch.diag(s), row="float64 reordered")
+    assert_close(v.T @ v, torch.diag(s), row="float64 reordered")
 
 
 def test_a_bare_batch_calibrates_like_a_list_of_one(token_ids):

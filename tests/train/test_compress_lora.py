@@ -145,7 +145,7 @@ def test_lora_target_inside_a_factorised_layer_is_refused(tmp_path, tiny_classif
     config = _config(tmp_path, tiny_classifier_dir, sentiment_tsv, *FFN, targets=["down"])
     with pytest.raises(LorakitError, match=r"target 'down' matches only factors of factorised layers "
                                            r"\(bert\.encoder\.layer\.0\.attention\.output\.dense\.down, .*\), "
-                                           r"which LoRA does not adapt"):
+                                           r"which lorakit neither adapts nor factorises again"):
         prepare(config)
 
 
