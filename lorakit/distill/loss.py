@@ -88,7 +88,7 @@ def head_kd_sum(rows: Tensor, head: nn.Module, targets: Tensor, teacher: Teacher
         def chunk(part: Tensor, part_targets: Tensor, start: int = start, stop: int = stop) -> Tensor:
             with torch.no_grad():
                 soft = teacher(start, stop)
-            return _rows_kd(head(part).float(), soft.float(), part_targets, alpha, temperature).sum()
+            return rows_kd(head(part).float(), soft.float(), part_targets, alpha, temperature).sum()
 
         if torch.is_grad_enabled():
             total = total + checkpoint(chunk, part, part_targets, use_reentrant=False)
@@ -97,7 +97,7 @@ def head_kd_sum(rows: Tensor, head: nn.Module, targets: Tensor, teacher: Teacher
     return total
 
 
-def _rows_kd(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float, temperature: float) -> Tensor:
+def rows_kd(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float, temperature: float) -> Tensor:
     """Per-row KD loss (n,) of float32 logits (n, V) by autograd: the reference the fused chunks follow."""
     hard = F.cross_entropy(student, targets, reduction="none")
     log_p_student = F.log_softmax(student / temperature, dim=-1)

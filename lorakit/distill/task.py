@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from lorakit.distill.cache import INDEX_KEY, LogitCache
 from lorakit.distill.loss import (
     TeacherChunk,
-    _rows_kd,
     check_kd_settings,
     head_kd_sum,
     kd_loss,
     linear_kd_sum,
+    rows_kd,
 )
 from lorakit.distill.teacher import KINDS, Teacher
 from lorakit.distributed import unwrap
@@ -191,7 +191,7 @@ class DistillTask:
             rows, targets = supervised_rows(model(input_ids=ids, attention_mask=mask).logits, labels)  # (N, V)
             with torch.no_grad():
                 soft = teacher(0, rows.shape[0]).float()
-            return _rows_kd(rows.float(), soft, targets, self.alpha, self.temperature).mean()
+            return rows_kd(rows.float(), soft, targets, self.alpha, self.temperature).mean()
         source = model if via_forward else backbone
         assert source is not None
         rows, targets = supervised_rows(final_hidden_states(source, ids, mask, via_forward), labels)  # (N, H), (N,)
