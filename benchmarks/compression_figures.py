@@ -7,7 +7,9 @@
   after truncation alone (`run.method=head-only`) and after recovery fine-tuning (`run.method=factors`), plain SVD
   against activation-aware, with the uncompressed full fine-tuning as a line. The points are the rows of the
   results file whose command is `lorakit train recipes/sst2-minilm.yaml ... --compress.ratio=R` (the newest row of
-  each ratio, method and run method), so every point is a recorded command.
+  each ratio, method and run method), so every point is a recorded command; and the fine-tuned model truncated
+  without training: `lorakit eval recipes/sst2-minilm.yaml --model.name=.../rR-M` rows (the directories
+  `lorakit factorize --ratio R --method M` wrote, named so in docs/compression.md).
 - `compression-smollm2.png`: SmolLM2's held-out perplexity on the Alpaca demo set against the ratio, truncation
   alone (the JSON line `benchmarks/factorize_truncation.py` prints) and, where recorded, after recovery fine-tuning
   (`lorakit train recipes/alpaca-smollm2.yaml ... --compress.ratio=R --run.method=factors` rows).
@@ -42,6 +44,17 @@ def compression_points(rows: list[dict[str, Any]], recipe: str) -> dict[tuple[st
     return points
 
 
+def truncated_points(rows: list[dict[str, Any]], recipe: str) -> dict[tuple[str, float], dict[str, Any]]:
+    """(method, ratio) -> the newest eval row of `recipe` on a factorised directory named `rR-M`."""
+    points: dict[tuple[str, float], dict[str, Any]] = {}
+    for row in rows:
+        command = row.get("command") or ""
+        name = re.search(r"--model\.name=\S*/r([0-9.]+)-(svd|activation)(?:\s|$)", command)
+        if command.startswith(f"lorakit eval recipes/{recipe}") and name:
+            points[(name.group(2), float(name.group(1)))] = row
+    return points
+
+
 def uncompressed_full(rows: list[dict[str, Any]], recipe: str) -> dict[str, Any] | None:
     full = [r for r in rows if r["method"] == "full" and (r.get("command") or "").startswith(
         f"lorakit train recipes/{recipe}") and "--compress." not in r["command"]]
@@ -52,16 +65,25 @@ def sst2_figure(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = compression_points(rows, "sst2-minilm.yaml")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.0, 5.6))
     for method in METHODS:
         color, label = STYLE[method]
-        for run, line, stage in (("factors", "-", "recovery"), ("head-only", ":", "truncation only")):
+        for run, line, stage in (("factors", "-", "recovery"), ("head-only", ":", "truncation only, new head")):
             xs = sorted(r for m, c, r in points if m == run and c == method)
             if xs:
                 ys = [points[(run, method, x)]["value"] for x in xs]
                 ax.plot(xs, ys, line, marker="o", color=color, label=f"{label}, {stage}")
                 for x, y in zip(xs, ys, strict=True):
                     print(f"sst2 {method:10s} {stage:15s} ratio {x}: accuracy {y:.4f}")
+    truncated = truncated_points(rows, "sst2-minilm.yaml")
+    for method in METHODS:
+        color, label = STYLE[method]
+        xs = sorted(r for m, r in truncated if m == method)
+        if xs:
+            ys = [truncated[(method, x)]["value"] for x in xs]
+            ax.plot(xs, ys, "--", marker="^", color=color, label=f"{label}, fine-tuned model truncated")
+            for x, y in zip(xs, ys, strict=True):
+                print(f"sst2 {method:10s} fine-tuned, truncated ratio {x}: accuracy {y:.4f}")
     distilled = [(r, row) for (m, c, r), row in points.items() if m == "factors+distill" and c == "svd"]
     for ratio, row in distilled:
         ax.plot([ratio], [row["value"]], "*", color="tab:green", markersize=11,
@@ -74,7 +96,7 @@ def sst2_figure(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlabel("share of the encoder's linear parameters kept (compress.ratio)")
     ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title("MiniLM on SST-2, factorised")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
