@@ -7,7 +7,7 @@ a batch of 4 x 128 random token ids with labels = input ids (every next token su
 every attention and MLP projection (`targets=["llama"]`, PEFT: the same seven module names), dropout 0, AdamW,
 fp32. Four steps, each on its own copy of the model:
 
-    lorakit       zero_grad, `InstructionTuning.loss` (the chunked loss of lorakit.train.lm_loss), backward, and
+    lorakit       zero_grad, `InstructionTuning.loss` (the chunked loss of lorakit.lm_loss), backward, and
                   the optimizer `lorakit.train.loop.build_optimizer` makes (AdamW, fused kernel)
     lorakit_ckpt  the same with activation checkpointing (`enable_activation_checkpointing`, as
                   `run.activation_checkpointing: true` does)

@@ -22,11 +22,11 @@ from lorakit.allocation.probes import PROBES, activation_spectra, gradient_spect
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError, did_you_mean
 from lorakit.inject import fan_in_out, plan
+from lorakit.task import Batch, Features, Task
 from lorakit.train.data import batch_indices
 from lorakit.train.preflight import resolve_device
 from lorakit.train.run import prepare
 from lorakit.train.sections import TrainConfig
-from lorakit.train.task import Batch, Features, Task
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lorakit.errors import LorakitError
 from lorakit.layers import LoraEmbedding, LoraLinear
 from lorakit.targets import LINEAR_TYPES
-from lorakit.train.task import Batch
+from lorakit.task import Batch
 
 LossFn = Callable[[nn.Module, Batch], Tensor]  # a Task's `loss`: the mean loss of one batch, a scalar with grad
 PROBES = ("activations", "gradients")

@@ -5,7 +5,7 @@
 The T² keeps the soft term's gradient at the scale of the hard term's as T changes (the paper's section 2: the soft
 gradients scale as 1/T²). `kd_loss` takes whole logits (classification: (B, C)); `linear_kd_sum` and
 `head_kd_sum` take the student's final hidden rows of a causal LM and its output head and never hold more than
-`chunk_size` rows of vocabulary-sized logits, as `lorakit.train.lm_loss` does for the plain cross-entropy: for a
+`chunk_size` rows of vocabulary-sized logits, as `lorakit.lm_loss` does for the plain cross-entropy: for a
 linear head each chunk's gradient is computed in the forward pass, for any other head (a LoRA module on `lm_head`)
 each chunk is recomputed in backward under activation checkpointing.
 """
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.errors import LorakitError
-from lorakit.train.lm_loss import chunked_linear_loss, linear_backward
+from lorakit.lm_loss import chunked_linear_loss, linear_backward
 
 # The teacher's logits for rows [start, stop) of a batch's supervised rows: (stop - start, V), without grad.
 TeacherChunk = Callable[[int, int], Tensor]

@@ -33,8 +33,7 @@ from lorakit.distill.loss import (
 from lorakit.distill.teacher import KINDS, Teacher
 from lorakit.distributed import unwrap
 from lorakit.errors import LorakitError
-from lorakit.train.data import chunks
-from lorakit.train.lm_loss import (
+from lorakit.lm_loss import (
     IGNORE,
     final_hidden_states,
     find_backbone,
@@ -42,7 +41,7 @@ from lorakit.train.lm_loss import (
     head_reproduces_logits,
     supervised_rows,
 )
-from lorakit.train.task import Batch, Features, Task
+from lorakit.task import Batch, Features, Task
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +137,9 @@ class DistillTask:
                                    f"{max_bytes / 2**30:g}; run the teacher on the fly (distill.cache=false), use "
                                    "fewer examples, or raise distill.cache_max_gb")
         parts = []
-        for part in chunks(features, batch_size):
-            batch = {k: v.to(device) for k, v in self.collate(list(part)).items() if k != INDEX_KEY}
+        for start in range(0, len(features), batch_size):
+            part = features[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in self.collate(part).items() if k != INDEX_KEY}
             parts.append(self.teacher_logits(batch).cpu())
         logits = torch.cat(parts) if parts else torch.zeros(0)
         if offsets is not None and logits.shape[0] != int(offsets[-1]):

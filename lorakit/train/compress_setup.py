@@ -15,8 +15,8 @@ from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import adapter_state, plan
 from lorakit.targets import select_modules
+from lorakit.task import Features, Task
 from lorakit.train.sections import TrainConfig
-from lorakit.train.task import Features, Task
 
 
 def compress_model(config: TrainConfig, model: nn.Module, task: Task, train: list[Features]) -> FactorizeReport:

@@ -23,9 +23,9 @@ from lorakit.distill import (
 )
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
+from lorakit.task import Features, Task
 from lorakit.train.preflight import resolve_device
 from lorakit.train.sections import TrainConfig
-from lorakit.train.task import Features, Task
 
 log = logging.getLogger(__name__)
 

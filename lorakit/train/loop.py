@@ -25,6 +25,7 @@ from lorakit.errors import LorakitError
 from lorakit.fileio import recover_interrupted_writes
 from lorakit.inject import trainable_parameters
 from lorakit.layers import lora_modules
+from lorakit.task import Features, Task
 from lorakit.train.checkpoint import (
     CHECKPOINTS,
     find_resumable,
@@ -39,7 +40,6 @@ from lorakit.train.checkpoint import (
 from lorakit.train.data import batch_indices
 from lorakit.train.metrics_log import MetricsLog
 from lorakit.train.sections import OptimSection, RunSection
-from lorakit.train.task import Features, Task
 
 log = logging.getLogger(__name__)
 

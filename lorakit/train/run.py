@@ -30,6 +30,7 @@ from lorakit.inject import AdapterState, InjectionReport, inject
 from lorakit.io import TASK_NAME, save_adapter
 from lorakit.models import load_model
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
+from lorakit.task import Features, Task
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.compress_setup import (
     check_disjoint,
@@ -46,7 +47,6 @@ from lorakit.train.preflight import check_data_files, check_max_length, check_ou
 from lorakit.train.readers import read_squad
 from lorakit.train.results import results_task
 from lorakit.train.sections import TrainConfig
-from lorakit.train.task import Features, Task
 from lorakit.train.tasks import make_task
 from lorakit.train.tasks.collapse import summary_warnings
 

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lorakit.distill import DistillTask, Teacher, data_fingerprint, read_cache, write_cache
 from lorakit.errors import LorakitError
-from lorakit.train.lm_loss import IGNORE
+from lorakit.lm_loss import IGNORE
 from lorakit.train.tasks import InstructionTuning, SequenceClassification
 
 RECORDS = [{"text": "good film", "label": "1"}, {"text": "bad film", "label": "0"},

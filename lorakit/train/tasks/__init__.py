@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError, did_you_mean
-from lorakit.train.task import Task
+from lorakit.task import Task
 from lorakit.train.tasks.classification import SequenceClassification
 from lorakit.train.tasks.instruction import InstructionTuning
 from lorakit.train.tasks.ner import TokenClassification

@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 from lorakit.progress import progress
+from lorakit.task import Batch, Features
 from lorakit.train.data import chunks, move_batch, pad
-from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.collapse import prediction_spread
 
 # Head names used by transformers' ...ForSequenceClassification classes (BERT/RoBERTa/DeBERTa, Llama/Qwen/GPT-2,

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
+from lorakit.lm_loss import IGNORE, causal_lm_loss
 from lorakit.progress import progress
+from lorakit.task import Batch, Features
 from lorakit.train.data import chunks, move_batch, pad
-from lorakit.train.lm_loss import IGNORE, causal_lm_loss
-from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.conversation import (
     PLAIN_PROMPT,
     Message,

@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 from lorakit.progress import progress
+from lorakit.task import Batch, Features
 from lorakit.train.data import chunks, move_batch, pad
-from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.classification import _pad_id, classifier_head
 from lorakit.train.tasks.collapse import init_bias_to_prior, prediction_spread
 

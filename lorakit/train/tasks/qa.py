@@ -27,9 +27,9 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit.errors import LorakitError
 from lorakit.progress import progress
+from lorakit.task import Batch, Features
 from lorakit.train.data import chunks, move_batch, pad
 from lorakit.train.readers import check_answers
-from lorakit.train.task import Batch, Features
 from lorakit.train.tasks.classification import _pad_id
 
 HEAD_NAMES = ("qa_outputs",)  # transformers' ...ForQuestionAnswering head (BERT, RoBERTa, Llama, ...)

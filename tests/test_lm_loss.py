@@ -1,4 +1,4 @@
-"""lorakit.train.lm_loss: the chunked causal-LM cross-entropy against the plain full-logits loss."""
+"""lorakit.lm_loss: the chunked causal-LM cross-entropy against the plain full-logits loss."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from conftest import TOLERANCES, relative_error, tiny_llama
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
-from lorakit import LoraConfig, inject
+from lorakit import LoraConfig, inject, lm_loss
 from lorakit.layers import lora_modules
-from lorakit.train import lm_loss
-from lorakit.train.lm_loss import IGNORE, causal_lm_loss, chunked_cross_entropy
+from lorakit.lm_loss import IGNORE, causal_lm_loss, chunked_cross_entropy
 from lorakit.train.run import enable_activation_checkpointing
 
 LOSS_RTOL = TOLERANCES[torch.float32][0]  # the same matmuls on fewer rows: fp32 roundoff
