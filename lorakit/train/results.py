@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +26,25 @@ COLUMNS = ("task", "data", "model", "method", "metric", "value", "trainable_para
 
 def record_result(entry: dict[str, Any], json_path: str | Path) -> None:
     """Append `entry` (task, model, method, metric, value, trainable_params, train_seconds, command, ...) to the
-    JSON list at `json_path` and rewrite the Markdown table beside it (same name, `.md`)."""
+    JSON list at `json_path` and rewrite the Markdown table beside it (same name, `.md`). Runs recording into the
+    same file at once (two sweeps) take turns: the read-append-write holds an exclusive lock on the directory."""
     json_path = Path(json_path)
+    with _directory_lock(json_path.parent if str(json_path.parent) else Path(".")):
+        _append(entry, json_path)
+
+
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive `flock` on `directory` (no lock file is left behind); blocks until the holder lets go."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _append(entry: dict[str, Any], json_path: Path) -> None:
     entries = read_results(json_path)
     if isinstance(entry.get("data"), str):  # a config's data path is resolved beside it (`recipes/../../shared/..`)
         entry = {**entry, "data": os.path.normpath(entry["data"])}

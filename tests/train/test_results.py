@@ -38,3 +38,18 @@ def test_rows_and_their_commands_share_a_number_and_a_repeated_note_is_shown_onc
 def test_a_note_names_its_rows_as_ranges():
     entries = [{**_summary(0.5), "command": f"c{i}", "note": "a" if i in (0, 1, 2, 4) else None} for i in range(5)]
     assert "Note (1-3, 5): a" in render_markdown(entries)
+
+
+def test_records_written_at_the_same_time_are_all_kept(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "results.json"
+
+    def record(writer: int) -> None:
+        for i in range(15):
+            record_result({**_summary(0.5), "command": f"writer {writer} row {i}"}, path)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(record, range(6)))
+    commands = [e["command"] for e in json.loads(path.read_text())]
+    assert sorted(commands) == sorted(f"writer {w} row {i}" for w in range(6) for i in range(15))
