@@ -105,7 +105,12 @@ def read_sources(adapters: dict[str, tuple[str | Path, float]]) -> list[Source]:
             raise LorakitError(f"adapter {name!r} ({path}) is a principal (PiSSA) adapter: its factors pair with the "
                                "residual base W - s·B₀A₀; convert it first to a standard adapter on the original base "
                                f"(lorakit prune {path} --principal convert --rank {2 * config.rank} --out DIR)")
-        sources.append(Source(name, path, float(weight), raw, config, tensors, metadata, _factor_keys(tensors)))
+        try:
+            pairs = _factor_keys(tensors)
+        except LorakitError:
+            raise LorakitError(f"adapter {name!r} ({path}) holds no linear LoRA module (only embeddings or "
+                               "convolutions); combine adds linear modules' ΔW: leave it out") from None
+        sources.append(Source(name, path, float(weight), raw, config, tensors, metadata, pairs))
     return sources
 
 

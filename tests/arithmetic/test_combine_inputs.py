@@ -122,3 +122,9 @@ def test_output_inside_an_input_is_refused(pair, tmp_path):
     with pytest.raises(LorakitError, match=r"overlaps the input"):
         combine({"a": (a, 1.0), "b": (b, 1.0)}, a / "c")
     assert not (a / "c").exists()
+
+
+def test_an_adapter_of_embeddings_only_is_refused_by_name(pair, tmp_path):
+    a, _ = pair
+    e = make_adapter(tmp_path / "e", seed=3, targets=["embed_tokens"])
+    _refused({"a": (a, 1.0), "emb": (e, 1.0)}, tmp_path / "c", r"adapter 'emb' .* holds no linear LoRA module")
