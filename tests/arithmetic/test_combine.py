@@ -221,3 +221,16 @@ def test_force_replaces_an_earlier_combined_adapter(two, tmp_path):
     combine({"a": (a, 1.0), "b": (b, 1.0)}, tmp_path / "c", method="cat")
     combine({"a": (a, 1.0), "b": (b, 1.0)}, tmp_path / "c", method="linear", rank=2, force=True)
     assert all(t.shape[0] == 2 for k, t in read_adapter(tmp_path / "c")[1].items() if "lora_A" in k)
+
+
+def test_linear_adapter_with_mixed_ranks_loads_in_peft_with_lorakit_outputs(tmp_path, token_ids):
+    peft = pytest.importorskip("peft")
+    a = make_adapter(tmp_path / "a", seed=1, rslora=True, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    b = make_adapter(tmp_path / "b", seed=2, targets=["q_proj", "o_proj"])
+    combine({"a": (a, 1.0), "b": (b, -0.7)}, tmp_path / "c", method="linear", rank=5, targets="union")
+    ours = tiny_llama()
+    load_adapter(ours, tmp_path / "c")
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "c")
+    assert relative_error(_logits(ours, token_ids), _logits(reference, token_ids)) < TOLERANCES[torch.float32][0]
+    assert relative_error(_logits(ours, token_ids), _logits(tiny_llama(), token_ids)) > TOLERANCES[
+        "adapter changes output"][0]
