@@ -32,7 +32,7 @@ from lorakit.arithmetic.inputs import (
     shared_tensors,
 )
 from lorakit.arithmetic.methods import dare_merge, dense_svd, discarded_share, stacked_factors, ties_merge
-from lorakit.compress.prune import _module_of, _pruned_config
+from lorakit.compress.prune import module_of_key, refactored_config
 from lorakit.fileio import atomic_write_dir
 from lorakit.io import TASK_NAME, WEIGHTS_NAME, adapter_checksum
 from lorakit.lowrank import factor_svd
@@ -161,9 +161,9 @@ def _combined_config(first: Source, modules: list[str], ranks: dict[str, int], t
     names of the adapted modules as target_modules)."""
     raw = dict(first.raw)
     if renamed:
-        adapted = set(modules) | {n for k in tensors if (n := _module_of(k)) is not None}
+        adapted = set(modules) | {n for k in tensors if (n := module_of_key(k)) is not None}
         raw["target_modules"] = sorted(adapted)
-    return _pruned_config(raw, first.config, ranks, tensors, converted=False)
+    return refactored_config(raw, first.config, ranks, tensors, converted=False)
 
 
 def _metadata(sources: list[Source], tensors: dict[str, Tensor], method: str, renamed: bool) -> dict[str, str]:
@@ -186,7 +186,7 @@ def _shape_print(tensors: dict[str, Tensor], raw: dict[str, Any]) -> str:
     linear layer ((in, out) under fan_in_fan_out), (num, dim) for an embedding."""
     lines = []
     for key, a in tensors.items():
-        name = _module_of(key)
+        name = module_of_key(key)
         if name is None:
             continue
         b = tensors[key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")]

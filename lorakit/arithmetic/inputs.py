@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorakit.compress.prune import _factor_keys
+from lorakit.compress.prune import factor_keys
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.io import FACTORIZATION_KEY, read_adapter
@@ -106,7 +106,7 @@ def read_sources(adapters: dict[str, tuple[str | Path, float]]) -> list[Source]:
                                "residual base W - s·B₀A₀; convert it first to a standard adapter on the original base "
                                f"(lorakit prune {path} --principal convert --rank {2 * config.rank} --out DIR)")
         try:
-            pairs = _factor_keys(tensors)
+            pairs = factor_keys(tensors)
         except LorakitError:
             raise LorakitError(f"adapter {name!r} ({path}) holds no linear LoRA module (only embeddings or "
                                "convolutions); combine adds linear modules' ΔW: leave it out") from None

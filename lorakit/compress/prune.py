@@ -115,7 +115,7 @@ def prune_adapter(adapter_dir: str | Path, out_dir: str | Path, *, rank: int | N
     _refuse_merged(source)
     raw, tensors, metadata = read_adapter(source)
     config = config_from_peft(raw, str(source / CONFIG_NAME))
-    pairs = _factor_keys(tensors)
+    pairs = factor_keys(tensors)
     init_factors = _principal_factors(source, config, principal, list(pairs))
     if rank is not None:
         _check_rank_fits(rank, {n: (tensors[kb].shape[0], tensors[ka].shape[1]) for n, (ka, kb) in pairs.items()})
@@ -134,7 +134,7 @@ def prune_adapter(adapter_dir: str | Path, out_dir: str | Path, *, rank: int | N
         modules.append(ModulePrune(name, (b.shape[0], a.shape[1]), a.shape[0], k, total,
                                    float(squares[k:].sum()) / total if total > 0 else 0.0))
         svds[name], ranks[name] = svd, k
-    new_raw = _pruned_config(raw, config, ranks, tensors, converted=bool(init_factors))
+    new_raw = refactored_config(raw, config, ranks, tensors, converted=bool(init_factors))
     new_config = config_from_peft(new_raw)
     out_tensors = dict(tensors)
     for name, (ka, kb) in pairs.items():
@@ -157,7 +157,7 @@ def prune_adapter(adapter_dir: str | Path, out_dir: str | Path, *, rank: int | N
         (tmp / MARK_NAME).write_text(json.dumps({"kind": PRUNED_KIND}) + "\n")
 
     atomic_write_dir(out_dir, fill, what=PRUNED_KIND)
-    unchanged = sorted({n for k in tensors if (n := _module_of(k)) is not None} - set(pairs))
+    unchanged = sorted({n for k in tensors if (n := module_of_key(k)) is not None} - set(pairs))
     return PruneReport(source, Path(out_dir), (source / WEIGHTS_NAME).stat().st_size, len(weights),
                        sum(t.numel() for t in tensors.values()), sum(t.numel() for t in out_tensors.values()),
                        modules, unchanged)
@@ -171,7 +171,7 @@ def _refuse_merged(path: Path) -> None:
                            "--out DIR, then lorakit merge --adapter DIR)")
 
 
-def _factor_keys(tensors: dict[str, Tensor]) -> dict[str, tuple[str, str]]:
+def factor_keys(tensors: dict[str, Tensor]) -> dict[str, tuple[str, str]]:
     """module -> (key of A, key of B) in the file, for the linear modules (2-D factors)."""
     keys = {from_peft_key(k): k for k in tensors}
     pairs = {}
@@ -229,11 +229,11 @@ def _kept_rank(s: Tensor, rank: int | None, energy: float | None) -> int:
     return int(reached[0]) + 1 if reached.numel() else s.numel()
 
 
-def _pruned_config(raw: dict[str, Any], config: LoraConfig, ranks: dict[str, int], tensors: dict[str, Tensor],
-                   *, converted: bool) -> dict[str, Any]:
+def refactored_config(raw: dict[str, Any], config: LoraConfig, ranks: dict[str, int], tensors: dict[str, Tensor],
+                      *, converted: bool) -> dict[str, Any]:
     """The adapter_config.json of the pruned adapter: the most common rank as `r`, the others in rank_pattern,
     every module's alpha kept (alpha_pattern where it differs from lora_alpha), exact-name pattern keys."""
-    all_ranks = {n: int(tensors[k].shape[0]) for k in tensors if (n := _module_of(k)) is not None} | ranks
+    all_ranks = {n: int(tensors[k].shape[0]) for k in tensors if (n := module_of_key(k)) is not None} | ranks
     counts = Counter(all_ranks.values())
     r = max(counts, key=lambda v: (counts[v], v))
     new = dict(raw)
@@ -246,7 +246,7 @@ def _pruned_config(raw: dict[str, Any], config: LoraConfig, ranks: dict[str, int
     return new
 
 
-def _module_of(key: str) -> str | None:
+def module_of_key(key: str) -> str | None:
     name = from_peft_key(key)
     for leaf in (".lora_A.weight", ".lora_embedding_A"):
         if name.endswith(leaf):
