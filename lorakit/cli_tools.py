@@ -1,5 +1,5 @@
-"""The commands that choose ranks, explain adapters and compress them: `allocate`, `sweep`, `analyze`, `prune`,
-`factorize`.
+"""The commands that choose ranks, explain adapters, compress and combine them: `allocate`, `sweep`, `analyze`,
+`prune`, `factorize`, `combine`.
 
 `add_tool_flags` declares their flags on the subparsers `lorakit.cli` builds, and `lorakit.cli` lists them in its
 command table; each calls one library function and prints. Heavy imports wait for the command.
@@ -8,11 +8,18 @@ command table; each calls one library function and prints. Heavy imports wait fo
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from lorakit.cli_output import json_line, print_table
+from lorakit.errors import LorakitError
+
+# lorakit.arithmetic's METHODS and TARGET_CHOICES, spelled out so that building the parser imports no torch
+COMBINE_METHODS = ("linear", "cat", "ties", "dare")
+COMBINE_TARGETS = ("same", "union", "intersection")
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -110,6 +117,60 @@ def _factorize_command(args: argparse.Namespace) -> str:
                      args.targets, *calibration, *multiple, "--out", args.out])
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    adapters = parse_combine_adapters(args.adapters)
+    from lorakit.arithmetic import combine
+    from lorakit.io import WEIGHTS_NAME
+
+    report = combine(adapters, args.out, method=args.method, rank=args.rank, density=args.density, rate=args.rate,
+                     targets=args.targets, seed=args.seed, force=args.force)
+    size = (report.out / WEIGHTS_NAME).stat().st_size
+    if args.json:
+        print(json_line(report.as_json() | {"bytes": size}))
+        return 0
+    kinds: dict[str, list[Any]] = {}
+    for m in report.modules:
+        kinds.setdefault(re.split(r"\.\d+\.", m.name)[-1], []).append(m)
+    print_table([("module kind", "input ranks -> saved rank, discarded share of ‖ΔW‖²")] + [
+        (kind, f"{_ranks_in(ms)} -> {_span([m.rank for m in ms])}, {max(m.discarded for m in ms):.3g} at most")
+        for kind, ms in kinds.items()])
+    weights = ", ".join(f"{name} {weight:g}" for name, (_, weight) in report.adapters.items())
+    print(f"{report.method} of {len(report.adapters)} adapters ({weights}): {len(report.modules)} modules, "
+          f"{size:,} bytes; written to {report.out}")
+    return 0
+
+
+def parse_combine_adapters(items: list[str]) -> dict[str, tuple[str | Path, float]]:
+    """`NAME=ADAPTER_DIR[:WEIGHT]` arguments as combine's {name: (adapter_dir, weight)}; the weight defaults to 1.0
+    and is the text after the last ':'. Raises LorakitError naming the argument and the expected form."""
+    form = "expected NAME=ADAPTER_DIR[:WEIGHT], e.g. sst2=runs/sst2/adapter:0.5"
+    adapters: dict[str, tuple[str | Path, float]] = {}
+    for item in items:
+        name, eq, rest = item.partition("=")
+        if not eq or not name or not rest:
+            raise LorakitError(f"adapter argument {item!r} needs a name and a directory; {form}")
+        path, colon, text = rest.rpartition(":") if ":" in rest else (rest, "", "1")
+        if colon and not path:
+            raise LorakitError(f"adapter argument {item!r} has no directory before ':'; {form}")
+        try:
+            weight = float(text)
+        except ValueError:
+            raise LorakitError(f"adapter argument {item!r}: weight {text!r} is not a number; {form} (a negative "
+                               "weight subtracts, e.g. toxic=runs/toxic/adapter:-0.5)") from None
+        if name in adapters:
+            raise LorakitError(f"adapter name {name!r} is given twice; give each adapter its own name")
+        adapters[name] = (path, weight)
+    return adapters
+
+
+def _ranks_in(modules: list[Any]) -> str:
+    """The input ranks of a module kind: `4+8` when every module of the kind has the same, else the span of sums."""
+    ranks = {tuple(m.ranks_in) for m in modules}
+    if len(ranks) == 1:
+        return "+".join(str(r) for r in ranks.pop())
+    return f"{_span([sum(m.ranks_in) for m in modules])} in all"
+
+
 def _span(values: list[int]) -> str:
     return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
@@ -125,6 +186,8 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
               "smaller PEFT-layout adapter", cmd_prune),
     "factorize": ("replace a model's linear layers by low-rank pairs U·Vᵀ (--rank, --energy or --ratio); writes a "
                   "model directory load_model reads, or with --dense a plain transformers checkpoint", cmd_factorize),
+    "combine": ("one adapter from weighted adapters of one base (linear, cat, TIES or DARE); writes a PEFT-layout "
+                "adapter", cmd_combine),
 }
 
 
@@ -195,3 +258,18 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
     fac.add_argument("--out", required=True, help="directory to write (new or empty)")
     fac.add_argument("--dense", action="store_true", help="write U·Vᵀ multiplied out: a plain transformers checkpoint")
     fac.add_argument("--force", action="store_true", help="replace an earlier factorised model at --out")
+    com = parsers["combine"]
+    com.add_argument("adapters", nargs="+", metavar="NAME=ADAPTER_DIR[:WEIGHT]", help="an adapter, its name in the "
+                     "combination and its weight (default 1; negative subtracts: toxic=runs/toxic/adapter:-0.5)")
+    com.add_argument("--out", required=True, help="directory for the combined adapter (new or empty)")
+    com.add_argument("--method", choices=COMBINE_METHODS, default="linear", help="linear: weighted sum cut to --rank "
+                     "(default: exact); cat: exact, ranks add; ties: TIES-Merging; dare: DARE then sum")
+    com.add_argument("--rank", type=int, help="the saved rank of every module (not for cat; default: the sum of the "
+                     "input ranks)")
+    com.add_argument("--density", type=float, help="ties: the share of each update's entries kept, in (0, 1]")
+    com.add_argument("--rate", type=float, help="dare: the drop probability, in [0, 1)")
+    com.add_argument("--seed", type=int, default=0, help="dare: the seed of the drops (default 0)")
+    com.add_argument("--targets", choices=COMBINE_TARGETS, default="same", help="adapters of different modules: union "
+                     "(a missing module adds 0) or intersection (only the modules all adapt); default same: refuse")
+    com.add_argument("--force", action="store_true", help="replace an earlier combined adapter at --out")
+    com.add_argument("--json", action="store_true", help="print the report as one JSON object")
