@@ -30,7 +30,7 @@ Echo = Callable[[str], None]
 DEMO_KIND = "demo"
 
 
-def _accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tuple[float, list[str]]:
+def demo_accuracy(model: Any, tokenizer: Any, records: list[dict[str, str]]) -> tuple[float, list[str]]:
     sampling = SamplingConfig(max_new_tokens=demo_task.MAX_NEW_TOKENS)
     answers = generate(model, tokenizer, [r["instruction"] for r in records], sampling, batch_size=50)
     return demo_task.score(answers, [r["output"] for r in records]), answers
@@ -51,7 +51,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, force: bool = False, progress
     echo(f"task: reverse a list of 3-5 digits; {len(train)} training and {len(held_out)} held-out examples")
     echo(f"  e.g. {held_out[0]['instruction']!r} -> {held_out[0]['output']!r}")
 
-    base_accuracy, base_answers = _accuracy(model, tokenizer, held_out)
+    base_accuracy, base_answers = demo_accuracy(model, tokenizer, held_out)
     echo(f"base model: exact match {base_accuracy:.3f} (e.g. answers {base_answers[0]!r})")
 
     lora = LoraConfig(rank=demo_task.RANK, alpha=demo_task.ALPHA, targets=demo_task.TARGETS, seed=demo_task.SEED)
@@ -64,7 +64,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, force: bool = False, progress
     result = fit(model, task, task.encode(train), [], optim, run, progress=progress)
     echo(f"trained {result.steps} steps in {result.seconds:.1f} s (final loss {result.history[-1]['loss']:.4f})")
 
-    adapted_accuracy, adapted_answers = _accuracy(model, tokenizer, held_out)
+    adapted_accuracy, adapted_answers = demo_accuracy(model, tokenizer, held_out)
     echo(f"adapted model: exact match {adapted_accuracy:.3f} (e.g. answers {adapted_answers[0]!r})")
 
     adapter_dir = save_adapter(model, out_dir / "adapter", base_model="smollm2")
@@ -72,7 +72,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, force: bool = False, progress
     fresh, _ = load_model("smollm2")
     load_adapter(fresh, adapter_dir)
     merge(fresh)
-    _, merged_answers = _accuracy(fresh, tokenizer, held_out)
+    _, merged_answers = demo_accuracy(fresh, tokenizer, held_out)
     same = sum(a == b for a, b in zip(merged_answers, adapted_answers, strict=True))
     echo(f"adapter saved to {adapter_dir} ({adapter_bytes:,} bytes); reloaded and merged into a fresh base: "
          f"{same}/{len(held_out)} answers identical to the unmerged adapter's")
