@@ -77,8 +77,8 @@ def check_combine_args(adapters: dict[str, tuple[str | Path, float]], method: st
     if rank is not None and (type(rank) is not int or rank < 1):
         raise LorakitError(f"rank must be an int >= 1, got {rank!r}")
     if rank is not None and method == "cat":
-        raise LorakitError("method 'cat' is exact and its rank is the sum of the adapters' ranks; drop rank, or use "
-                           "method 'linear' to cut the sum to a chosen rank")
+        raise LorakitError("method 'cat' is exact and its rank is the sum of the adapters' ranks; drop rank (--rank), "
+                           "or use method 'linear' to cut the sum to a chosen rank")
     _check_fraction("density", density, method, "ties", "(0, 1]", lambda v: 0.0 < v <= 1.0)
     _check_fraction("rate", rate, method, "dare", "[0, 1)", lambda v: 0.0 <= v < 1.0)
 
@@ -145,11 +145,12 @@ def chosen_modules(sources: list[Source], targets: str) -> list[str]:
         odd = next(s for s in sources if set(s.pairs) != union)
         missing = sorted(union - set(odd.pairs))
         raise LorakitError(f"adapter {odd.name!r} does not adapt {len(missing)} module(s) the others do (first: "
-                           f"{missing[0]!r}); pass targets='union' (a missing module adds ΔW = 0) or "
-                           "targets='intersection' (keep only the modules all adapt)")
+                           f"{missing[0]!r}); pass targets='union' (--targets union: a missing module adds "
+                           "ΔW = 0) or targets='intersection' (--targets intersection: only the modules all adapt)")
     chosen = union if targets == "union" else common
     if not chosen:
-        raise LorakitError("the adapters share no adapted linear module; targets='union' keeps all of them")
+        raise LorakitError("the adapters share no adapted linear module; targets='union' (--targets union) keeps all "
+                           "of them")
     return sorted(chosen)
 
 
