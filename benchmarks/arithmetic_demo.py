@@ -1,6 +1,7 @@
 """Adapter arithmetic on two real tasks: SmolLM2's translation adapter and the demo's digit-reversal adapter,
-each scored on both tasks, then their exact sum (`cat`) and the translation adapter minus the demo's. A
-measurement for docs/arithmetic.md, not a test.
+each scored on both tasks, then their exact sum (`cat`), the translation adapter minus the demo's, the translation
+adapter plus 0.3 x the demo's, and TIES at density 0.2 (rank: the sum of the two). A measurement for
+docs/arithmetic.md, not a test.
 
     .venv/bin/python benchmarks/arithmetic_demo.py [--translation runs/mt-lora/adapter] [--demo runs/demo/adapter] \
         [--out runs/arithmetic] [--sentences 40]
@@ -43,8 +44,13 @@ def main() -> None:
     minus = out / "translation-demo"
     combine({"translation": (args.translation, 1.0), "demo": (args.demo, 1.0)}, summed, method="cat", force=True)
     combine({"translation": (args.translation, 1.0), "demo": (args.demo, -1.0)}, minus, method="cat", force=True)
+    damped, ties = out / "translation+0.3demo", out / "ties"
+    combine({"translation": (args.translation, 1.0), "demo": (args.demo, 0.3)}, damped, method="cat", force=True)
+    combine({"translation": (args.translation, 1.0), "demo": (args.demo, 1.0)}, ties, method="ties", density=0.2,
+            force=True)
     adapters = {"base": None, "translation": args.translation, "demo": args.demo, "translation + demo": str(summed),
-                "translation - demo": str(minus)}
+                "translation - demo": str(minus), "translation + 0.3 demo": str(damped),
+                "TIES, density 0.2": str(ties)}
     _, held_out = demo_task.split()
     test = ROOT.parent / "shared" / "data" / "multi30k" / "test.{de,en}"  # the data lies beside the repository
     config = load_train_config(ROOT / "recipes" / "multi30k-smollm2.yaml", [
