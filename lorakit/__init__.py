@@ -8,6 +8,7 @@
         logits = model(input_ids=ids).logits
 """
 
+from lorakit.active import ActiveAdapters, active_adapters
 from lorakit.bank import AdapterBank, per_row_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError, MergeStateError
@@ -18,10 +19,10 @@ from lorakit.merge import adapters_disabled, delta_weight, is_merged, merge, mer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError", "MergeStateError",
-    "adapter_parameters", "adapters_disabled", "delta_weight", "inject", "inspect_adapter", "is_merged",
-    "load_adapter", "load_for_inference", "load_model", "merge", "merge_adapter", "merged_state_dict",
-    "per_row_adapters", "save_adapter", "set_strength", "unmerge",
+    "ActiveAdapters", "AdapterBank", "ConfigError", "InjectionReport", "LoraConfig", "LorakitError",
+    "MergeStateError", "active_adapters", "adapter_parameters", "adapters_disabled", "delta_weight", "inject",
+    "inspect_adapter", "is_merged", "load_adapter", "load_for_inference", "load_model", "merge", "merge_adapter",
+    "merged_state_dict", "per_row_adapters", "save_adapter", "set_strength", "unmerge",
 ]
 
 
