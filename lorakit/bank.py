@@ -29,6 +29,13 @@ rows of one token with rank 16 on SmolLM2-135M that is 625 MB, more than the bas
 products at 32 rows are compute-bound and the per-row ones memory-bound, so a mixed decode step costs about 1.2x
 a shared adapter's on a CPU, where a prefill (64 tokens per row re-use each row's factors) costs about the same.
 
+DoRA adapters (`lorakit.dora`) join a bank too, which PEFT refuses: each output feature of a DoRA row is rescaled by
+m / ‖W + s·B A‖, a vector per slot computed once when the bank is built (the factors are frozen there), so
+
+    y = (base(x) − b + h Bᵀ[s]) ⊙ scale[s] + b        (scale 1 for the base rows and for plain LoRA slots)
+
+costs one more pass over the module's output in a batch that holds a DoRA adapter.
+
 The bank is for inference: it holds copies of the factors (no gradient reaches an adapter) and applies no dropout.
 """
 
@@ -37,21 +44,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lorakit import dora
 from lorakit.errors import ConfigError, LorakitError, MergeStateError, did_you_mean
 from lorakit.inject import AdapterState
 from lorakit.io import read_adapter
 from lorakit.layers import LoraLinear, lora_modules
 from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key
 
-# module name -> (A (rank, in), B (out, rank), scaling): one adapter's linear factors, as the bank takes them.
-Factors = Mapping[str, tuple[Tensor, Tensor, float]]
+# module name -> (A (rank, in), B (out, rank), scaling), or with DoRA's magnitude m (out,) as a fourth element: one
+# adapter's linear factors, as the bank takes them.
+ModuleFactors = tuple[Tensor, Tensor, float] | tuple[Tensor, Tensor, float, Tensor]
+Factors = Mapping[str, ModuleFactors]
 # An adapter directory, a model carrying lorakit adapters (its factors are copied), or the factors themselves.
 AdapterSource = str | os.PathLike | nn.Module | Factors
 
@@ -63,10 +73,13 @@ class AdapterBank:
     names: the adapters, in slot order (slot i + 1 holds names[i]; slot 0 is zeros, "no adapter").
     stacks: module name -> (A (slots, rank, in), Bᵀ · scaling (slots, rank, out)), on the module's device and in
         its factors' dtype; `rank` is the largest rank any adapter has at that module.
+    row_scales: module name -> DoRA's m / ‖W + s·B A‖ per slot (slots, out), ones for slots without DoRA; only
+        for modules where some adapter of the bank is a DoRA adapter.
     """
 
     names: tuple[str, ...]
     stacks: dict[str, tuple[Tensor, Tensor]]
+    row_scales: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_adapters(cls, model: nn.Module, adapters: Mapping[str, AdapterSource]) -> AdapterBank:
@@ -80,7 +93,7 @@ class AdapterBank:
         modules = linear_lora_modules(model)
         if not adapters:
             raise LorakitError("AdapterBank.from_adapters needs at least one adapter, got none")
-        loaded: dict[str, dict[str, tuple[Tensor, Tensor, float]]] = {}
+        loaded: dict[str, dict[str, ModuleFactors]] = {}
         problems: list[str] = []
         for name, source in adapters.items():
             if not isinstance(name, str) or not name:
@@ -91,11 +104,15 @@ class AdapterBank:
         if problems:
             raise ConfigError(problems)
         stacks: dict[str, tuple[Tensor, Tensor]] = {}
+        row_scales: dict[str, Tensor] = {}
         for module_name, module in modules.items():
             present = [(slot, f[module_name]) for slot, f in enumerate(loaded.values(), 1) if module_name in f]
             if present:
                 stacks[module_name] = _stack(module, len(loaded) + 1, present)
-        return cls(tuple(loaded), stacks)
+                scales = _row_scales(module, len(loaded) + 1, present)
+                if scales is not None:
+                    row_scales[module_name] = scales
+        return cls(tuple(loaded), stacks, row_scales)
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` (0 for None, the base model alone)."""
@@ -108,19 +125,32 @@ class AdapterBank:
                                f"it holds {', '.join(map(repr, self.names))}") from None
 
 
-def _stack(module: LoraLinear, slots: int, present: list[tuple[int, tuple[Tensor, Tensor, float]]]
-           ) -> tuple[Tensor, Tensor]:
+def _stack(module: LoraLinear, slots: int, present: list[tuple[int, ModuleFactors]]) -> tuple[Tensor, Tensor]:
     """(A (slots, rank, in), Bᵀ · scaling (slots, rank, out)) for one module, zeros where an adapter is absent."""
-    rank = max(a.shape[0] for _, (a, _, _) in present)
+    rank = max(factors[0].shape[0] for _, factors in present)
     factor = module.lora_A.weight
     like: dict[str, Any] = {"device": factor.device, "dtype": factor.dtype}
     a_stack = torch.zeros(slots, rank, module.in_features, **like)
     bt_stack = torch.zeros(slots, rank, module.out_features, **like)
-    for slot, (a, b, scaling) in present:
+    for slot, (a, b, scaling, *_) in present:
         r = a.shape[0]
         a_stack[slot, :r] = a.detach()
         bt_stack[slot, :r] = b.detach().T.float() * scaling  # scaled in fp32, then stored in the factors' dtype
     return a_stack, bt_stack
+
+
+def _row_scales(module: LoraLinear, slots: int, present: list[tuple[int, ModuleFactors]]) -> Tensor | None:
+    """DoRA's m / ‖W + s·B A‖ per slot (slots, out) against the module's base weight, or None when no adapter
+    here is a DoRA adapter."""
+    if all(len(factors) == 3 for _, factors in present):
+        return None
+    scales = torch.ones(slots, module.out_features, device=module.weight.device, dtype=module.weight.dtype)
+    weight = module.weight_matrix().detach()
+    for slot, (a, b, scaling, *magnitude) in present:
+        if magnitude:
+            norms = dora.row_norms(weight, a.to(weight.device), b.to(weight.device), scaling)
+            scales[slot] = (magnitude[0].detach().float().view(-1).to(weight.device) / norms).to(scales.dtype)
+    return scales
 
 
 def linear_lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -143,8 +173,9 @@ def linear_lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 # ------------------------------------------------------------------------------------------- reading adapters
 
 
-def adapter_factors(source: AdapterSource, name: str) -> dict[str, tuple[Tensor, Tensor, float]]:
-    """The linear factors of one adapter as module name -> (A (rank, in), B (out, rank), scaling).
+def adapter_factors(source: AdapterSource, name: str) -> dict[str, ModuleFactors]:
+    """The linear factors of one adapter as module name -> (A (rank, in), B (out, rank), scaling), with DoRA's
+    magnitude m (out,) as a fourth element for a DoRA adapter.
 
     Raises `LorakitError` naming `name` for an adapter that changes more than linear LoRA factors, and
     `TypeError` for a source of another kind.
@@ -154,32 +185,38 @@ def adapter_factors(source: AdapterSource, name: str) -> dict[str, tuple[Tensor,
     if isinstance(source, nn.Module):
         return _factors_from_model(source, name)
     if isinstance(source, Mapping):
-        out = {}
+        out: dict[str, ModuleFactors] = {}
         for module_name, value in source.items():
-            if (not isinstance(value, tuple) or len(value) != 3 or not all(isinstance(t, Tensor) for t in value[:2])
+            if (not isinstance(value, tuple) or len(value) not in (3, 4)
+                    or not all(isinstance(t, Tensor) for t in value[:2] + value[3:])
                     or not isinstance(value[2], (int, float))):
                 raise TypeError(f"adapter {name!r}: factors of {module_name!r} must be a tuple "
-                                f"(A (rank, in), B (out, rank), scaling), got {type(value).__name__}")
-            out[module_name] = (value[0], value[1], float(value[2]))
+                                f"(A (rank, in), B (out, rank), scaling[, DoRA magnitude (out,)]), got "
+                                f"{type(value).__name__}")
+            out[module_name] = (value[0], value[1], float(value[2]), *value[3:])  # type: ignore[assignment]
         return out
     raise TypeError(f"adapter {name!r}: expected an adapter directory, a model with lorakit adapters or a mapping "
                     f"module -> (A, B, scaling), got {type(source).__name__}")
 
 
-def _factors_from_dir(path: Path, name: str) -> dict[str, tuple[Tensor, Tensor, float]]:
+def _factors_from_dir(path: Path, name: str) -> dict[str, ModuleFactors]:
     raw_config, tensors, _ = read_adapter(path)
     config = config_from_peft(raw_config, str(path / CONFIG_NAME))
     problems = _unsupported(name, config.init, config.modules_to_save)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         module_name, _, leaf = from_peft_key(key).removesuffix(".weight").rpartition(".")
+        if leaf == dora.MAGNITUDE and value.dim() == 1:
+            pairs.setdefault(module_name, {})[leaf] = value
+            continue
         if leaf not in ("lora_A", "lora_B") or value.dim() != 2:
             problems.append(f"adapter {name!r}: {key!r} is not a linear LoRA factor; a bank takes only those "
                             "(no embeddings, convolutions, biases or saved modules)")
             continue
         pairs.setdefault(module_name, {})[leaf] = value
-    out = {}
+    out: dict[str, ModuleFactors] = {}
     for module_name, pair in pairs.items():
+        magnitude = pair.pop(dora.MAGNITUDE, None)
         if set(pair) != {"lora_A", "lora_B"}:
             problems.append(f"adapter {name!r}: {module_name!r} has {', '.join(pair)} but not both lora_A and lora_B")
             continue
@@ -187,27 +224,29 @@ def _factors_from_dir(path: Path, name: str) -> dict[str, tuple[Tensor, Tensor, 
         if a.shape[0] != config.rank_for(module_name):  # the scaling alpha / rank needs the file's rank
             problems.append(f"adapter {name!r}: {module_name!r} has rank {a.shape[0]} but its config says "
                             f"{config.rank_for(module_name)}")
-        out[module_name] = (a, b, config.scaling_for(module_name))
+        scaling = config.scaling_for(module_name)
+        out[module_name] = (a, b, scaling) if magnitude is None else (a, b, scaling, magnitude)
     if problems:
         raise ConfigError(problems)
     return out
 
 
-def _factors_from_model(model: nn.Module, name: str) -> dict[str, tuple[Tensor, Tensor, float]]:
+def _factors_from_model(model: nn.Module, name: str) -> dict[str, ModuleFactors]:
     state = getattr(model, "lorakit_state", None)
     if not isinstance(state, AdapterState):
         raise LorakitError(f"adapter {name!r}: the model given has no lorakit adapters")
     problems = _unsupported(name, state.config.init, state.modules_to_save)
     if state.config.bias != "none":
         problems.append(f"adapter {name!r} trains biases (bias={state.config.bias!r}); a bank holds only factors")
-    out = {}
+    out: dict[str, ModuleFactors] = {}
     for module_name, module in lora_modules(model):
         if not isinstance(module, LoraLinear):
             problems.append(f"adapter {name!r}: {module_name!r} is a {type(module).__name__}; a bank takes linear "
                             "layers only")
             continue
         a, b = module.factors()
-        out[module_name] = (a, b, module.scaling)
+        magnitude = module._parameters.get(dora.MAGNITUDE)
+        out[module_name] = (a, b, module.scaling) if magnitude is None else (a, b, module.scaling, magnitude)
     if problems:
         raise ConfigError(problems)
     return out
@@ -224,7 +263,7 @@ def _unsupported(name: str, init: str, modules_to_save: list[str]) -> list[str]:
     return problems
 
 
-def _fit_problems(name: str, factors: Mapping[str, tuple[Tensor, Tensor, float]],
+def _fit_problems(name: str, factors: Mapping[str, ModuleFactors],
                   modules: dict[str, LoraLinear]) -> list[str]:
     if not factors:
         return [f"adapter {name!r} has no LoRA factors"]
@@ -234,7 +273,7 @@ def _fit_problems(name: str, factors: Mapping[str, tuple[Tensor, Tensor, float]]
         problems.append(f"adapter {name!r} adapts {len(missing)} module(s) that have no LoRA module in this model, "
                         f"e.g. {missing[0]!r}{did_you_mean(missing[0], modules)}; inject the model with targets "
                         "that cover every adapter's modules")
-    for module_name, (a, b, _) in factors.items():
+    for module_name, (a, b, _, *magnitude) in factors.items():
         module = modules.get(module_name)
         if module is None:
             continue
@@ -242,6 +281,9 @@ def _fit_problems(name: str, factors: Mapping[str, tuple[Tensor, Tensor, float]]
                 or b.shape[0] != module.out_features or a.shape[0] != b.shape[1]):
             problems.append(f"adapter {name!r}: {module_name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; this "
                             f"model's module takes A (rank, {module.in_features}) and B ({module.out_features}, rank)")
+        elif magnitude and magnitude[0].numel() != module.out_features:
+            problems.append(f"adapter {name!r}: {module_name!r} has a DoRA magnitude of {magnitude[0].numel()} "
+                            f"entries; this model's module has {module.out_features} output features")
     return problems
 
 
@@ -252,13 +294,15 @@ class _RowForward:
     """One module's part of a `per_row_adapters` block: its factors for the block's rows (see the module docstring).
 
     a, bt: (slots, rank, in) and (slots, rank, out); None where no adapter of the bank adapts the module.
+    scale: DoRA's row scales (slots, out), or None where no DoRA adapter of the bank adapts the module.
     index: the slot of each of the `rows` row names, or None when a and bt are already one slot per row (slices).
     """
 
-    __slots__ = ("a", "bt", "index", "rows")
+    __slots__ = ("a", "bt", "scale", "index", "rows")
 
-    def __init__(self, a: Tensor | None, bt: Tensor | None, index: Tensor | None, rows: int):
-        self.a, self.bt, self.index, self.rows = a, bt, index, rows
+    def __init__(self, a: Tensor | None, bt: Tensor | None, index: Tensor | None, rows: int,
+                 scale: Tensor | None = None):
+        self.a, self.bt, self.scale, self.index, self.rows = a, bt, scale, index, rows
 
     def __call__(self, module: LoraLinear, x: Tensor) -> Tensor:
         if module.merged:
@@ -273,8 +317,12 @@ class _RowForward:
                 f"per_row_adapters got {n} row names but {module.__class__.__name__} saw input {tuple(x.shape)}; "
                 "give one name per batch row of a (batch, seq, features) input (a batch k times as long is read as "
                 "each name repeated k times, as generate expands it for num_beams / num_return_sequences)")
+        scale = self.scale
         if self.index is not None:
             a, bt = a.index_select(0, self.index), bt.index_select(0, self.index)  # (N, rank, in), (N, rank, out)
+            scale = scale.index_select(0, self.index) if scale is not None else None
+        if scale is not None:
+            return _dora_rows(module, out, x, n, a, bt, scale)
         # A batch that generate expanded k-fold (repeat_interleave) keeps each name's rows together, so
         # (k·N, T, in) -> (N, k·T, in) lines the rows up with the N row names without repeating any factors.
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))  # (N, k·T, rank)
@@ -283,6 +331,21 @@ class _RowForward:
         # In place: base_forward's output is ours, and its backward does not need it.
         out.view(n, -1, out.shape[-1]).baddbmm_(h, bt, alpha=module.strength)  # (N, k·T, out)
         return out
+
+
+def _dora_rows(module: LoraLinear, out: Tensor, x: Tensor, n: int, a: Tensor, bt: Tensor, scale: Tensor) -> Tensor:
+    """(base(x) − b + h Bᵀ) ⊙ scale + b per row, for a bank with DoRA adapters (scale (N, out), ones for rows
+    without DoRA)."""
+    bias = module.bias
+    rows = out.float().view(n, -1, out.shape[-1])  # (N, k·T, out), a copy unless out is fp32
+    if bias is not None:
+        rows = rows - bias.float()
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))  # (N, k·T, rank)
+    rows = rows + torch.bmm(h, bt).float() * module.strength
+    rows = rows * scale.float().unsqueeze(1)
+    if bias is not None:
+        rows = rows + bias.float()
+    return rows.view(out.shape).to(out.dtype)
 
 
 @contextmanager
@@ -324,15 +387,16 @@ def per_row_adapters(model: nn.Module, bank: AdapterBank, names: Sequence[str | 
     indices: dict[torch.device, Tensor] = {}  # one index tensor per device, shared by the modules there
     forwards = {}
     for name in modules:
-        stack = bank.stacks.get(name)
+        stack, scale = bank.stacks.get(name), bank.row_scales.get(name)
         if stack is None:
             forwards[name] = _RowForward(None, None, None, n)
         elif consecutive:
-            forwards[name] = _RowForward(stack[0].narrow(0, start, n), stack[1].narrow(0, start, n), None, n)
+            forwards[name] = _RowForward(stack[0].narrow(0, start, n), stack[1].narrow(0, start, n), None, n,
+                                         scale.narrow(0, start, n) if scale is not None else None)
         else:
             device = stack[0].device
             index = indices.setdefault(device, torch.tensor(slots, device=device))
-            forwards[name] = _RowForward(stack[0], stack[1], index, n)
+            forwards[name] = _RowForward(stack[0], stack[1], index, n, scale)
     for name, module in modules.items():
         module._per_row = forwards[name]
     try:

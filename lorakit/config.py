@@ -35,6 +35,8 @@ class LoraConfig:
     dropout: dropout on the adapter's input (the base path is untouched), in [0, 1).
     bias: which biases train: `none`, `lora_only` (those of adapted modules) or `all` (every module's own bias).
     rslora: scale by alpha / sqrt(rank) instead of alpha / rank (see rank, alpha).
+    dora: DoRA (Liu et al. 2024, PEFT's `use_dora`): a trained magnitude per output feature rescales W + s·B·A,
+        W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (see `lorakit.dora`); on linear and convolution layers, not embeddings.
     rank_pattern / alpha_pattern: per-module overrides, pattern -> value; the first matching pattern wins. In a
         training config `rank_pattern` may also be the path of a YAML file mapping module names to a rank or to
         `{rank: R, alpha: A}` (the alpha joins alpha_pattern after the config's own entries); `lorakit allocate`
@@ -52,6 +54,7 @@ class LoraConfig:
     dropout: float = 0.0
     bias: str = "none"
     rslora: bool = False
+    dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
@@ -96,6 +99,8 @@ class LoraConfig:
             out.append("targets must name at least one module pattern or preset")
         if not isinstance(self.rslora, bool):
             out.append(f"rslora must be true or false, got {self.rslora!r}")
+        if not isinstance(self.dora, bool):
+            out.append(f"dora must be true or false, got {self.dora!r}")
         return out
 
     def rank_for(self, module_name: str) -> int:

@@ -13,6 +13,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from lorakit import dora
 from lorakit import init as lora_init
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
@@ -20,6 +21,8 @@ from lorakit.layers import LORA_MODULE_TYPES, LoraConv, LoraEmbedding, LoraLinea
 from lorakit.targets import LINEAR_TYPES, Selection, select_modules
 
 log = logging.getLogger(__name__)
+
+DORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *LINEAR_TYPES)  # the layer kinds DoRA adapts
 
 
 @dataclass
@@ -81,6 +84,9 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
         if config.init == "principal" and isinstance(modules[name], nn.Embedding):
             problems.append(f"init 'principal' is for weight matrices of linear and conv layers; {name!r} is an "
                             "Embedding (exclude it or use init 'standard')")
+        if config.dora and not isinstance(modules[name], DORA_TYPES):
+            problems.append(f"dora applies to linear and convolution layers; {name!r} is an "
+                            f"{type(modules[name]).__name__} (exclude it from the targets or set dora false)")
     if problems:
         raise ConfigError(problems)
     return selection, modules
@@ -144,6 +150,9 @@ def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True,
             apply_factors(module, a, b, principal=principal)
             if principal:
                 state.principal_init[name] = (a, b)
+            if config.dora:  # m = ‖W + s·B A‖: the adapted weight starts equal to the base (the original W)
+                with torch.no_grad():
+                    getattr(module, dora.MAGNITUDE).copy_(dora.initial_magnitude(module))
         _replace(modules, name, cast(nn.Module, module))
     model.lorakit_state = state  # type: ignore[assignment]
     trainable, params = adapter_parameters(model), list(model.parameters())
@@ -160,8 +169,9 @@ def build_module(base: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     if isinstance(base, nn.Embedding):
         return LoraEmbedding(base, rank, alpha, scaling)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return LoraConv(base, rank, alpha, scaling, config.dropout)
-    return LoraLinear(base, rank, alpha, scaling, config.dropout, fan_in_fan_out=not isinstance(base, nn.Linear))
+        return LoraConv(base, rank, alpha, scaling, config.dropout, dora=config.dora)
+    return LoraLinear(base, rank, alpha, scaling, config.dropout, fan_in_fan_out=not isinstance(base, nn.Linear),
+                      dora=config.dora)
 
 
 def initial_factors(module: LoraModule, config: LoraConfig, generator: torch.Generator | None

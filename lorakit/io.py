@@ -118,7 +118,7 @@ def _principal_as_plain_lora(model: nn.Module) -> dict[str, Tensor]:
     for name, module in lora_modules(model):
         a0, b0 = state.principal_init[name]
         a, b = module.factors()
-        a_param, b_param = module.lora_parameters()
+        a_param, b_param = module.lora_parameters()[:2]  # a DoRA magnitude carries over unchanged
         wide_a = torch.cat([a.detach().float(), a0], dim=0)  # (2r, fan_in)
         wide_b = torch.cat([b.detach().float(), -b0], dim=1)  # (fan_out, 2r)
         ka = to_peft_key(_param_key(name, module, a_param), set())

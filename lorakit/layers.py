@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit import dora as dora_math
 from lorakit.errors import MergeStateError
 from lorakit.fused import lora_linear
 
@@ -51,6 +52,15 @@ class LoraModule(Protocol):
     def lora_parameters(self) -> list[nn.Parameter]: ...
 
 
+def _add_magnitude(module: nn.Module, out_features: int, dora: bool, factory: dict[str, Any]) -> None:
+    """DoRA's magnitude vector m as `lora_magnitude_vector` (zeros until `lorakit.dora.initial_magnitude` or an
+    adapter file fills it), or a None placeholder, so that `module.lora_magnitude_vector` always reads."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    shape = dora_math.magnitude_shape(weight.dim(), out_features)
+    module.register_parameter(dora_math.MAGNITUDE, nn.Parameter(torch.zeros(shape, **factory)) if dora else None)
+    module.merged_norms = None  # type: ignore[assignment]  # ‖W + s·B A‖ recorded by merge, read by unmerge
+
+
 def _refuse_training_while_merged(module: nn.Module) -> None:
     if module.training and torch.is_grad_enabled():
         raise MergeStateError(
@@ -79,10 +89,11 @@ def _zero_linear(in_features: int, out_features: int, factory: dict[str, Any]) -
 
 class LoraLinear(nn.Module):
     """LoRA on `nn.Linear` (weight (out, in)) or on transformers' GPT-2 `Conv1D` (weight (in, out),
-    `fan_in_fan_out=True`)."""
+    `fan_in_fan_out=True`); with `dora=True`, DoRA (`lorakit.dora`): a magnitude vector rescales each output
+    feature of W + s·B A."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
-                 fan_in_fan_out: bool = False):
+                 fan_in_fan_out: bool = False, dora: bool = False):
         super().__init__()
         self.weight: nn.Parameter = base.weight  # type: ignore[assignment]
         self.bias: nn.Parameter | None = base.bias  # type: ignore[assignment]
@@ -95,6 +106,8 @@ class LoraLinear(nn.Module):
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.lora_A = _zero_linear(self.in_features, rank, factory)
         self.lora_B = _zero_linear(rank, self.out_features, factory)
+        self.dora = dora
+        _add_magnitude(self, self.out_features, dora, factory)
 
     def base_forward(self, x: Tensor) -> Tensor:
         if not self.fan_in_fan_out:
@@ -117,8 +130,10 @@ class LoraLinear(nn.Module):
             return self.base_forward(x)
         if self.strength == 0.0:
             return self.base_forward(x)
-        weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         scaling = self.scaling * self.strength
+        if self.dora:
+            return dora_math.linear_forward(self, x, scaling)
+        weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         # Every attribute read here costs: a decoding step runs this 200 times for one token.
         if (not self.fan_in_fan_out and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
                 == b.dtype and not torch.is_autocast_enabled(x.device.type)):
@@ -146,11 +161,12 @@ class LoraLinear(nn.Module):
         return matrix.T if self.fan_in_fan_out else matrix
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight)]
+        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight),
+                *_magnitude(self)]
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}, "
-                f"scaling={self.scaling:g}, merged={self.merged}")
+                f"scaling={self.scaling:g}, merged={self.merged}" + (", dora=True" if self.dora else ""))
 
 
 class LoraEmbedding(nn.Module):
@@ -209,7 +225,7 @@ class LoraConv(nn.Module):
     base's kernel, stride, padding and dilation into `rank` channels; B is a 1x1 convolution back to `out`."""
 
     def __init__(self, base: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int, alpha: float, scaling: float,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, dora: bool = False):
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
@@ -224,6 +240,8 @@ class LoraConv(nn.Module):
                                     "dilation": base.dilation}
         self.lora_A = conv_cls(base.in_channels, rank, **geometry, bias=False, **factory)
         self.lora_B = conv_cls(rank, base.out_channels, 1, 1, bias=False, **factory)
+        self.dora = dora
+        _add_magnitude(self, base.out_channels, dora, factory)
         _zero_(self.lora_parameters())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,6 +251,8 @@ class LoraConv(nn.Module):
             return out
         if self.strength == 0.0:
             return out
+        if self.dora:
+            return dora_math.conv_forward(self, x, self.scaling * self.strength)
         h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (N, rank, *spatial)
         return out + (self.lora_B(h) * (self.scaling * self.strength)).to(out.dtype)
 
@@ -251,10 +271,16 @@ class LoraConv(nn.Module):
         return matrix.view(self.weight.shape)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight)]
+        return [cast(nn.Parameter, self.lora_A.weight), cast(nn.Parameter, self.lora_B.weight),
+                *_magnitude(self)]
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+def _magnitude(module: nn.Module) -> list[nn.Parameter]:
+    magnitude = module._parameters.get(dora_math.MAGNITUDE)
+    return [magnitude] if magnitude is not None else []
 
 
 LORA_MODULE_TYPES = (LoraLinear, LoraEmbedding, LoraConv)

@@ -14,13 +14,17 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lorakit import dora
 from lorakit.errors import LorakitError, MergeStateError
 from lorakit.inject import adapter_state
 from lorakit.layers import LoraModule, lora_modules
 
 
 def delta_weight(module: LoraModule) -> Tensor:
-    """scaling · strength · B @ A in fp32, in the layout of `module.weight`."""
+    """scaling · strength · B @ A in fp32, in the layout of `module.weight`; for a DoRA module W' − W (see
+    `lorakit.dora.delta_weight`)."""
+    if dora.is_dora(module):
+        return dora.delta_weight(module)
     a, b = module.factors()
     return module.matrix_to_weight((b.float() @ a.float()) * (module.scaling * module.strength))
 
@@ -46,7 +50,11 @@ def merge(model: nn.Module) -> None:
     twice) and `LorakitError` if any ΔW is not finite; in both cases no weight changes."""
     if is_merged(model):
         raise MergeStateError("adapters are already merged; merging twice would add ΔW twice (unmerge first)")
-    for _, module, delta in _deltas(model):
+    deltas = _deltas(model)
+    for _, module, _ in deltas:  # DoRA's norms of the unmerged weights, which unmerge needs to recover W
+        if dora.is_dora(module):
+            module.merged_norms = dora.module_row_norms(module)  # type: ignore[attr-defined]
+    for _, module, delta in deltas:
         _add_(module.weight, delta)
         module.merged = True
 
@@ -58,6 +66,8 @@ def unmerge(model: nn.Module) -> None:
     for _, module, delta in _deltas(model):
         _add_(module.weight, -delta)
         module.merged = False
+        if dora.is_dora(module):
+            module.merged_norms = None  # type: ignore[attr-defined]
 
 
 def _add_(weight: nn.Parameter, delta: Tensor) -> None:

@@ -21,9 +21,9 @@ PREFIX = "base_model.model."
 
 # Keys of PEFT's LoraConfig (0.21) that lorakit reads, and those it accepts only at their neutral value.
 _PEFT_READ = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "bias", "use_rslora",
-              "rank_pattern", "alpha_pattern", "modules_to_save", "init_lora_weights", "fan_in_fan_out"}
+              "rank_pattern", "alpha_pattern", "modules_to_save", "init_lora_weights", "fan_in_fan_out", "use_dora"}
 _PEFT_NEUTRAL: dict[str, Any] = {
-    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
     "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
     "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "loftq_config": {},
     "eva_config": None, "corda_config": None, "arrow_config": None, "lora_ga_config": None, "kasa_config": None,
@@ -66,6 +66,7 @@ def peft_config(model: nn.Module, config: LoraConfig, base: str | None, *, doubl
         "lora_dropout": config.dropout,
         "bias": config.bias,
         "use_rslora": config.rslora,
+        "use_dora": config.dora,
         "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for m in modules.values()),
         "modules_to_save": list(state.modules_to_save) or None,
         "init_lora_weights": init,
@@ -130,6 +131,7 @@ def config_from_peft(data: dict[str, Any], source: str = CONFIG_NAME) -> LoraCon
         rank=data.get("r", 8), alpha=data.get("lora_alpha", 8), targets=patterns(data.get("target_modules")),
         exclude=patterns(data.get("exclude_modules")), init=init, svd_iters=svd_iters,
         dropout=data.get("lora_dropout", 0.0), bias=data.get("bias", "none"), rslora=data.get("use_rslora", False),
+        dora=bool(data.get("use_dora") or False),
         rank_pattern=keyed(data.get("rank_pattern")), alpha_pattern=keyed(data.get("alpha_pattern")),
         modules_to_save=list(data.get("modules_to_save") or []),
     )

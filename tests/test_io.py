@@ -139,9 +139,9 @@ def test_unsupported_peft_feature_is_refused(tmp_path):
     save_adapter(_trained(tiny_llama(), targets=["q_proj"]), tmp_path / "a")
     path = tmp_path / "a" / CONFIG_NAME
     config = json.loads(path.read_text())
-    config["use_dora"] = True
+    config["lora_bias"] = True
     path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="use_dora=True is a PEFT feature lorakit does not support"):
+    with pytest.raises(ConfigError, match="lora_bias=True is a PEFT feature lorakit does not support"):
         load_adapter(tiny_llama(), tmp_path / "a")
 
 
