@@ -1,5 +1,5 @@
-"""The commands that choose ranks, explain adapters, compress and combine them: `allocate`, `sweep`, `analyze`,
-`prune`, `factorize`, `combine`.
+"""The commands that choose ranks, explain adapters, compress, combine and export them: `allocate`, `sweep`,
+`analyze`, `prune`, `factorize`, `combine`, `export`.
 
 `add_tool_flags` declares their flags on the subparsers `lorakit.cli` builds, and `lorakit.cli` lists them in its
 command table; each calls one library function and prints. Heavy imports wait for the command.
@@ -20,6 +20,9 @@ from lorakit.errors import LorakitError
 # lorakit.arithmetic's METHODS and TARGET_CHOICES, spelled out so that building the parser imports no torch
 COMBINE_METHODS = ("linear", "cat", "ties", "dare")
 COMBINE_TARGETS = ("same", "union", "intersection")
+# lorakit.gguf's TYPES and the export formats, spelled out for the same reason
+EXPORT_FORMATS = ("gguf",)
+GGUF_TYPES = ("f16", "q8_0")
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
@@ -140,6 +143,33 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.adapter_only and not args.adapter:
+        raise LorakitError("--adapter-only needs --adapter DIR, the adapter to write as a llama.cpp LoRA file")
+    if args.adapter_only and args.type != "f16":
+        raise LorakitError("--type applies to the merged model; --adapter-only writes the LoRA factors in f32")
+    from lorakit.gguf import export_gguf, export_lora_gguf
+
+    if args.adapter_only:
+        lora = export_lora_gguf(args.adapter, args.out, model=args.model, force=args.force)
+        if args.json:
+            print(json_line(lora.as_json()))
+            return 0
+        folded = f"; the scaling of {len(lora.folded)} modules folded into lora_b" if lora.folded else ""
+        print(f"LoRA adapter ({lora.modules} modules, alpha {lora.alpha:g}) for {lora.base}: {lora.bytes:,} bytes"
+              f"{folded}; written to {lora.out} (use with: llama-cli -m BASE.gguf --lora {lora.out})")
+        return 0
+    report = export_gguf(args.model, args.out, adapter=args.adapter, type=args.type, force=args.force)
+    if args.json:
+        print(json_line(report.as_json()))
+        return 0
+    types = ", ".join(f"{n} {k}" for k, n in report.as_json()["tensors"].items())
+    merged = " with the adapter merged" if args.adapter else ""
+    print(f"GGUF model{merged} ({len(report.tensor_types)} tensors: {types}): {report.bytes:,} bytes in "
+          f"{report.seconds:.1f} s; written to {report.out} (run with: llama-cli -m {report.out})")
+    return 0
+
+
 def parse_combine_adapters(items: list[str]) -> dict[str, tuple[str | Path, float]]:
     """`NAME=ADAPTER_DIR[:WEIGHT]` arguments as combine's {name: (adapter_dir, weight)}; the weight defaults to 1.0
     and is the text after the last ':'. Raises LorakitError naming the argument and the expected form."""
@@ -188,6 +218,8 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                   "model directory load_model reads, or with --dense a plain transformers checkpoint", cmd_factorize),
     "combine": ("one adapter from weighted adapters of one base (linear, cat, TIES or DARE); writes a PEFT-layout "
                 "adapter", cmd_combine),
+    "export": ("write a model (with an adapter merged) or an adapter alone as a GGUF file for llama.cpp and "
+               "Ollama", cmd_export),
 }
 
 
@@ -273,3 +305,17 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
                      "(a missing module adds 0) or intersection (only the modules all adapt); default same: refuse")
     com.add_argument("--force", action="store_true", help="replace an earlier combined adapter at --out")
     com.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    exp = parsers["export"]
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the file format (gguf: llama.cpp, "
+                     "Ollama)")
+    exp.add_argument("--model", help="a bundled name, model directory or hub id (default: the base the adapter "
+                     "records)")
+    exp.add_argument("--adapter", help="an adapter directory: merged into the model, or with --adapter-only written "
+                     "alone")
+    exp.add_argument("--adapter-only", "--lora", action="store_true", help="write the adapter alone as a llama.cpp "
+                     "LoRA file (llama-cli --lora, Ollama ADAPTER) instead of a merged model")
+    exp.add_argument("--out", required=True, help="the .gguf file to write")
+    exp.add_argument("--type", choices=GGUF_TYPES, default="f16", help="weights of the merged model: f16 (default) "
+                     "or q8_0 (8-bit blocks of 32, about half the size)")
+    exp.add_argument("--force", action="store_true", help="replace an earlier GGUF file at --out")
+    exp.add_argument("--json", action="store_true", help="print the report as one JSON object")
