@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorakit.errors import LorakitError
 from lorakit.fused import lora_linear
 
 MAGNITUDE = "lora_magnitude_vector"  # the parameter's name in modules, state dicts and PEFT's files
@@ -73,9 +74,22 @@ def initial_magnitude(module: Any) -> Tensor:
 
 
 def row_scale(module: Any, scaling: float) -> Tensor:
-    """m / ‖W + s·B A‖ as an (out,) vector in m's dtype, with a gradient to m only."""
+    """m / ‖W + s·B A‖ as an (out,) vector in m's dtype, with a gradient to m only.
+
+    Outside training (eval mode, or no gradient) the norms are kept on the module for as long as W, A, B (their
+    storage and in-place version counters) and the scaling stay the same: a decoding step would otherwise pay the
+    (out, in) x (in, r) product of every adapted layer for each token."""
     magnitude: Tensor = getattr(module, MAGNITUDE)
-    norms = module_row_norms(module, scaling)
+    if module.training and torch.is_grad_enabled():
+        norms = module_row_norms(module, scaling)
+    else:
+        a, b = module.factors()
+        key = (scaling, *((t.data_ptr(), t._version) for t in (module.weight, a, b)))
+        cached = module.__dict__.get("_dora_norms")
+        if cached is None or cached[0] != key:
+            cached = (key, module_row_norms(module, scaling))
+            module.__dict__["_dora_norms"] = cached
+        norms = cached[1]
     return magnitude.view(-1) / norms.to(magnitude.dtype)
 
 
@@ -128,3 +142,11 @@ def delta_weight(module: Any) -> Tensor:
         original = merged / scale[:, None] - (b.float() @ a.float()) * (module.scaling * module.strength)
         return module.matrix_to_weight(merged - original)
     return module.matrix_to_weight(adapted_matrix(module) - module.weight_matrix().float())
+
+
+def refuse_dora_adapter(dora: bool, name: str, action: str) -> None:
+    """Raise for a DoRA adapter where `action` needs the update to be the low-rank s·B A alone."""
+    if dora:
+        raise LorakitError(
+            f"{name} is a DoRA adapter: its update m ⊙ (W + s·B A) / ‖W + s·B A‖ − W is not the low-rank s·B A, so "
+            f"{action} does not apply to it; merge it into its base instead (lorakit merge --adapter DIR --out DIR)")

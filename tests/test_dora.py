@@ -304,3 +304,22 @@ def test_training_step_moves_the_magnitude():
     optimizer.step()
     moved = [k for k, p in adapter_parameters(model).items() if k in magnitudes and not torch.equal(p, magnitudes[k])]
     assert len(moved) == len(magnitudes)
+
+
+def test_inference_reuses_norms_until_a_weight_changes():
+    model = _dora_model("llama")
+    model.eval()
+    inputs = _inputs("llama")
+    module = dict(lora_modules(model))["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        first = _output(model, inputs)
+        cached = module.__dict__["_dora_norms"]
+        assert torch.equal(_output(model, inputs), first)
+        assert module.__dict__["_dora_norms"] is cached
+        module.lora_B.weight.mul_(2.0)  # an in-place change must not reuse the stale norms
+        changed = _output(model, inputs)
+    assert module.__dict__["_dora_norms"] is not cached
+    fresh = _dora_model("llama")
+    with torch.no_grad():
+        dict(lora_modules(fresh))["model.layers.0.self_attn.q_proj"].lora_B.weight.mul_(2.0)
+        assert relative_error(changed, _output(fresh, inputs)) <= RTOL

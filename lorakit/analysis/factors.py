@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lorakit.config import LoraConfig
+from lorakit.dora import refuse_dora_adapter
 from lorakit.errors import LorakitError
 from lorakit.io import PRINCIPAL_NAME, read_adapter
 from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key
@@ -93,6 +94,7 @@ def read_factors(path: str | Path) -> AdapterFactors:
                            f"{CONFIG_NAME} and the adapter's weights")
     raw_config, tensors, metadata = read_adapter(path)
     config = config_from_peft(raw_config, str(path / CONFIG_NAME))
+    refuse_dora_adapter(config.dora, f"adapter {str(path)!r}", "the analysis of ΔW = s·B A")
     found = {from_peft_key(k): t for k, t in tensors.items()}
     modules: dict[str, ModuleFactors] = {}
     skipped: dict[str, str] = {}

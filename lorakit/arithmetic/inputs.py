@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lorakit.compress.prune import factor_keys
 from lorakit.config import LoraConfig
+from lorakit.dora import refuse_dora_adapter
 from lorakit.errors import LorakitError
 from lorakit.io import FACTORIZATION_KEY, read_adapter
 from lorakit.peft_format import CONFIG_NAME, config_from_peft
@@ -101,6 +102,7 @@ def read_sources(adapters: dict[str, tuple[str | Path, float]]) -> list[Source]:
         path = Path(path)
         raw, tensors, metadata = read_adapter(path)
         config = config_from_peft(raw, str(path / CONFIG_NAME))
+        refuse_dora_adapter(config.dora, f"adapter {name!r} ({path})", "adding its ΔW to others'")
         if config.init == "principal":
             raise LorakitError(f"adapter {name!r} ({path}) is a principal (PiSSA) adapter: its factors pair with the "
                                "residual base W - s·B₀A₀; convert it first to a standard adapter on the original base "

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from lorakit.config import LoraConfig
+from lorakit.dora import refuse_dora_adapter
 from lorakit.errors import LorakitError
 from lorakit.export import MERGED_KIND
 from lorakit.fileio import atomic_write_dir
@@ -115,6 +116,7 @@ def prune_adapter(adapter_dir: str | Path, out_dir: str | Path, *, rank: int | N
     _refuse_merged(source)
     raw, tensors, metadata = read_adapter(source)
     config = config_from_peft(raw, str(source / CONFIG_NAME))
+    refuse_dora_adapter(config.dora, f"adapter {str(source)!r}", "cutting ΔW to its top singular directions")
     pairs = factor_keys(tensors)
     init_factors = _principal_factors(source, config, principal, list(pairs))
     if rank is not None:
