@@ -115,7 +115,8 @@ def _load(model: str | None, adapter: str | Path | None) -> tuple[nn.Module, Pre
 
 
 def type_name(model: nn.Module) -> str:
-    """The transformers class of `model` (LlamaForCausalLM), as its config lists it or as Python names it."""
+    """The class name of `model` (`LlamaForCausalLM`); a function because `export_gguf`'s `type` argument hides
+    the builtin there."""
     return type(model).__name__
 
 
