@@ -146,7 +146,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.adapter_only and not args.adapter:
         raise LorakitError("--adapter-only needs --adapter DIR, the adapter to write as a llama.cpp LoRA file")
-    if args.adapter_only and args.type != "f16":
+    if args.adapter_only and args.type is not None:
         raise LorakitError("--type applies to the merged model; --adapter-only writes the LoRA factors in f32")
     from lorakit.gguf import export_gguf, export_lora_gguf
 
@@ -159,7 +159,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"LoRA adapter ({lora.modules} modules, alpha {lora.alpha:g}) for {lora.base}: {lora.bytes:,} bytes"
               f"{folded}; written to {lora.out} (use with: llama-cli -m BASE.gguf --lora {lora.out})")
         return 0
-    report = export_gguf(args.model, args.out, adapter=args.adapter, type=args.type, force=args.force)
+    report = export_gguf(args.model or (None if args.adapter else "smollm2"), args.out, adapter=args.adapter,
+                         type=args.type or "f16", force=args.force)
     if args.json:
         print(json_line(report.as_json()))
         return 0
@@ -309,13 +310,13 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the file format (gguf: llama.cpp, "
                      "Ollama)")
     exp.add_argument("--model", help="a bundled name, model directory or hub id (default: the base the adapter "
-                     "records)")
+                     "records, else smollm2)")
     exp.add_argument("--adapter", help="an adapter directory: merged into the model, or with --adapter-only written "
                      "alone")
     exp.add_argument("--adapter-only", "--lora", action="store_true", help="write the adapter alone as a llama.cpp "
                      "LoRA file (llama-cli --lora, Ollama ADAPTER) instead of a merged model")
     exp.add_argument("--out", required=True, help="the .gguf file to write")
-    exp.add_argument("--type", choices=GGUF_TYPES, default="f16", help="weights of the merged model: f16 (default) "
+    exp.add_argument("--type", choices=GGUF_TYPES, help="weights of the merged model: f16 (default) "
                      "or q8_0 (8-bit blocks of 32, about half the size)")
     exp.add_argument("--force", action="store_true", help="replace an earlier GGUF file at --out")
     exp.add_argument("--json", action="store_true", help="print the report as one JSON object")
