@@ -12,8 +12,19 @@ The norm is never formed from the dense sum W + s·B A. Per row i,
     ‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·⟨(W Aᵀ)_i, B_i⟩ + s²·B_i (A Aᵀ) B_iᵀ
 
 costs one (out, in) x (in, r) product and no (out, in) temporary, where PEFT builds B A from an identity matrix and
-adds it to W at every step. The forward is the LoRA layer's (`lorakit.fused.lora_linear`) followed by one
-per-feature rescale, `y = (m / ‖W + s·B A‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b`.
+adds it to W at every step; ‖W_i‖² itself is kept while W is unchanged (W is frozen in training).
+
+The linear layer is one autograd node (`_DoraLinear`), the LoRA layer's two products (`lorakit.fused`) followed by
+a per-feature rescale in place:
+
+    forward    z = x Wᵀ + s·(x Aᵀ) Bᵀ;  y = z ⊙ c + b,  c = m / ‖W + s·B A‖     saved: x, x Aᵀ, y
+    backward   dm = Σ_n g ⊙ (y − b) / m                 (= Σ_n g ⊙ z / ‖·‖)
+               g' = g ⊙ c,  then the LoRA backward with g'
+
+so it allocates one (N, out) buffer more than a LoRA layer (in the backward, shared by the product for dm and by
+g'); through autograd the rescale alone would allocate three and save z beside y. Fresh (N, out) buffers cost
+more than the arithmetic on a CPU (each one's pages are faulted in anew). Recovering z from y needs m ≠ 0; a
+magnitude with a zero entry takes the autograd composition instead.
 
 Dropout (`LoraConfig.dropout`) applies to the low-rank branch's input only, as for LoRA. PEFT also feeds the
 dropped input to the magnitude-rescaled base term; the two agree whenever dropout is off (evaluation, or dropout 0).
@@ -26,9 +37,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lorakit.errors import LorakitError
-from lorakit.fused import lora_linear
+from lorakit.fused import forward_products, lora_linear
 
 MAGNITUDE = "lora_magnitude_vector"  # the parameter's name in modules, state dicts and PEFT's files
 
@@ -37,11 +49,15 @@ def is_dora(module: Any) -> bool:
     return getattr(module, MAGNITUDE, None) is not None
 
 
-def row_norms(weight_matrix: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+def row_norms(weight_matrix: Tensor, a: Tensor, b: Tensor, scaling: float, *,
+              weight_squared: Tensor | None = None) -> Tensor:
     """‖W + scaling·B A‖ of each row of the (out, in) matrix, in fp32 and without a gradient, from W (out, in),
-    A (rank, in) and B (out, rank), without forming their dense sum (see the module docstring)."""
+    A (rank, in) and B (out, rank), without forming their dense sum (see the module docstring). `weight_squared`:
+    ‖W_i‖² (out,) in fp32 when the caller has it."""
     with torch.no_grad():
-        squared = torch.linalg.vector_norm(weight_matrix, dim=1, dtype=torch.float32).square()  # ‖W_i‖²
+        if weight_squared is None:
+            weight_squared = torch.linalg.vector_norm(weight_matrix, dim=1, dtype=torch.float32).square()
+        squared = weight_squared.clone()
         a32, b32 = a.float(), b.float()
         wa = (weight_matrix @ a.to(weight_matrix.dtype).T).float()  # (out, r)
         squared += (wa * b32).sum(1).mul_(2 * scaling)
@@ -59,10 +75,17 @@ def magnitude_shape(weight_dims: int, out_features: int) -> tuple[int, ...]:
 
 def module_row_norms(module: Any, scaling: float | None = None) -> Tensor:
     """`row_norms` of a LoRA module's W + s·B A, (out,) in fp32; `scaling` defaults to the module's own times its
-    strength."""
+    strength. ‖W_i‖² is kept on the module for as long as W's storage and version counter stay the same."""
     a, b = module.factors()
     s = module.scaling * module.strength if scaling is None else scaling
-    return row_norms(module.weight_matrix(), a, b, s)
+    weight = module.weight_matrix()
+    key = (module.weight.data_ptr(), module.weight._version)
+    cached = module.__dict__.get("_dora_weight_squared")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square())
+        module.__dict__["_dora_weight_squared"] = cached
+    return row_norms(weight, a, b, s, weight_squared=cached[1])
 
 
 def initial_magnitude(module: Any) -> Tensor:
@@ -73,6 +96,20 @@ def initial_magnitude(module: Any) -> Tensor:
     return norms.to(magnitude.dtype).view(magnitude.shape)
 
 
+def cached_row_norms(module: Any, scaling: float) -> Tensor:
+    """`module_row_norms`, kept on the module outside training (see `row_scale`)."""
+    if module.training and torch.is_grad_enabled():
+        return module_row_norms(module, scaling)
+    a, b = module.factors()
+    key = (scaling, *((t.data_ptr(), t._version) for t in (module.weight, a, b)))
+    cached = module.__dict__.get("_dora_norms")
+    if cached is None or cached[0] != key:
+        cached = (key, module_row_norms(module, scaling))
+        module.__dict__["_dora_norms"] = cached
+    norms: Tensor = cached[1]
+    return norms
+
+
 def row_scale(module: Any, scaling: float) -> Tensor:
     """m / ‖W + s·B A‖ as an (out,) vector in m's dtype, with a gradient to m only.
 
@@ -80,25 +117,73 @@ def row_scale(module: Any, scaling: float) -> Tensor:
     storage and in-place version counters) and the scaling stay the same: a decoding step would otherwise pay the
     (out, in) x (in, r) product of every adapted layer for each token."""
     magnitude: Tensor = getattr(module, MAGNITUDE)
-    if module.training and torch.is_grad_enabled():
-        norms = module_row_norms(module, scaling)
-    else:
-        a, b = module.factors()
-        key = (scaling, *((t.data_ptr(), t._version) for t in (module.weight, a, b)))
-        cached = module.__dict__.get("_dora_norms")
-        if cached is None or cached[0] != key:
-            cached = (key, module_row_norms(module, scaling))
-            module.__dict__["_dora_norms"] = cached
-        norms = cached[1]
-    return magnitude.view(-1) / norms.to(magnitude.dtype)
+    return magnitude.view(-1) / cached_row_norms(module, scaling).to(magnitude.dtype)
+
+
+class _DoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                magnitude: Tensor, norms: Tensor, scaling: float) -> Tensor:
+        flat, h, out = forward_products(x, weight, None, a, b, scaling)  # out = z (N, out)
+        scale = magnitude / norms
+        out.mul_(scale)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(flat, h, weight, a, b, magnitude, scale, bias, out)  # type: ignore[arg-type]
+        ctx.scaling = scaling  # type: ignore[attr-defined]
+        ctx.input_shape = x.shape  # type: ignore[attr-defined]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        flat, h, weight, a, b, magnitude, scale, bias, y = ctx.saved_tensors
+        scaling: float = ctx.scaling
+        need_x, need_w, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        buffer = torch.mul(g, y)  # the one new (N, out) buffer: g ⊙ y, then g' = g ⊙ c
+        grad_bias = g.sum(0) if (need_bias or (need_m and bias is not None)) else None
+        grad_m = None
+        if need_m:
+            grad_m = buffer.sum(0)
+            if bias is not None and grad_bias is not None:
+                grad_m.sub_(grad_bias * bias)
+            grad_m.div_(magnitude)
+        g2 = torch.mul(g, scale, out=buffer)
+        g_h = (g2 @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
+        grad_b = (g2.T @ h).mul_(scaling) if need_b else None
+        grad_a = g_h.T @ flat if need_a and g_h is not None else None
+        grad_x = None
+        if need_x and g_h is not None:
+            grad_x = (g2 @ weight).addmm_(g_h, a).view(ctx.input_shape)
+        grad_w = g2.T @ flat if need_w else None
+        return grad_x, grad_w, grad_bias if need_bias else None, grad_a, grad_b, grad_m, None, None
 
 
 def linear_forward(module: Any, x: Tensor, scaling: float) -> Tensor:
     """A `LoraLinear` carrying m: (m / ‖W + s·B A‖) ⊙ (x Wᵀ + s·B A dropout(x)) + b."""
     weight, a, b = module.weight_matrix(), module.lora_A.weight, module.lora_B.weight
+    magnitude: Tensor = getattr(module, MAGNITUDE)
+    fast = ((module._no_dropout or not module.training) and x.dtype == weight.dtype == a.dtype == b.dtype
+            == magnitude.dtype and not torch.is_autocast_enabled(x.device.type))
+    bias = module.bias
+    if fast and (bias is None or bias.dtype == x.dtype):
+        norms = cached_row_norms(module, scaling).to(magnitude.dtype)
+        magnitude_vector = magnitude.view(-1)
+        if torch.is_grad_enabled() and (x.requires_grad or magnitude.requires_grad or a.requires_grad
+                                        or b.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            if bool((magnitude_vector != 0).all()):
+                out: Tensor = _DoraLinear.apply(x, weight, bias, a, b, magnitude_vector, norms, scaling)
+                return out
+        else:  # inference: the same arithmetic without an autograd node
+            _, _, out = forward_products(x, weight, None, a, b, scaling)
+            out.mul_(magnitude_vector / norms)
+            if bias is not None:
+                out.add_(bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
     scale = row_scale(module, scaling)
-    if ((module._no_dropout or not module.training) and x.dtype == weight.dtype == a.dtype == b.dtype
-            and not torch.is_autocast_enabled(x.device.type)):
+    if fast:
         z = lora_linear(x, weight, None, a, b, scaling)
     else:
         z = F.linear(x, weight)

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
+def forward_products(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(x as (N, in), h = x Aᵀ (N, r), the output (N, out))."""
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -40,7 +40,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
                 scaling: float) -> Tensor:
-        flat, h, out = _forward(x, weight, bias, a, b, scaling)
+        flat, h, out = forward_products(x, weight, bias, a, b, scaling)
         ctx.save_for_backward(flat, h, weight, a, b)
         ctx.scaling = scaling  # type: ignore[attr-defined]
         ctx.input_shape = x.shape  # type: ignore[attr-defined]
@@ -73,4 +73,4 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Te
         out: Tensor = _LoraLinear.apply(x, weight, bias, a, b, scaling)
         return out
     # Inference: the same arithmetic without an autograd node (a decoding step is dominated by per-call costs).
-    return _forward(x, weight, bias, a, b, scaling)[2].view(*x.shape[:-1], weight.shape[0])
+    return forward_products(x, weight, bias, a, b, scaling)[2].view(*x.shape[:-1], weight.shape[0])
