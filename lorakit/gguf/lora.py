@@ -99,7 +99,8 @@ def export_lora_gguf(adapter_dir: str | Path, out_file: str | Path, *, model: st
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(Path(adapter_dir).resolve().name)
+        where = Path(adapter_dir).resolve()
+        writer.add_name(where.parent.name if where.name == "adapter" else where.name)  # a run's adapter/
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         for tensor_name, value in written.items():
             writer.add_tensor(tensor_name, np.ascontiguousarray(value, dtype=np.float32))
