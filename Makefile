@@ -32,8 +32,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # The performance races against PEFT, the base model and full fine-tuning (docs/benchmarks.md), one after
-# another on a quiet machine; about 9 minutes on 2 idle cores. Logs and the JSON lines go to runs/bench/.
-BENCHMARKS := bench_train_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward
+# another on a quiet machine; about 11 minutes on 2 idle cores. Logs and the JSON lines go to runs/bench/.
+BENCHMARKS := bench_train_step bench_dora_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward
 bench: $(STAMP)
 	mkdir -p runs/bench
 	set -o pipefail; for b in $(BENCHMARKS); do \

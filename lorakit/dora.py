@@ -57,11 +57,11 @@ def row_norms(weight_matrix: Tensor, a: Tensor, b: Tensor, scaling: float, *,
     with torch.no_grad():
         if weight_squared is None:
             weight_squared = torch.linalg.vector_norm(weight_matrix, dim=1, dtype=torch.float32).square()
-        squared = weight_squared.clone()
         a32, b32 = a.float(), b.float()
         wa = (weight_matrix @ a.to(weight_matrix.dtype).T).float()  # (out, r)
-        squared += (wa * b32).sum(1).mul_(2 * scaling)
-        squared += ((b32 @ (a32 @ a32.T)) * b32).sum(1).mul_(scaling * scaling)
+        # (2s·W Aᵀ + s²·B (A Aᵀ)) ⊙ B summed per row: both cross terms in one product and one reduction
+        cross = torch.addmm(wa, b32, a32 @ a32.T, beta=2 * scaling, alpha=scaling * scaling)
+        squared = torch.linalg.vecdot(cross, b32).add_(weight_squared)
         return squared.clamp_min_(0).sqrt_()
 
 

@@ -323,3 +323,24 @@ def test_inference_reuses_norms_until_a_weight_changes():
     with torch.no_grad():
         dict(lora_modules(fresh))["model.layers.0.self_attn.q_proj"].lora_B.weight.mul_(2.0)
         assert relative_error(changed, _output(fresh, inputs)) <= RTOL
+
+
+def test_zero_magnitude_entry_takes_the_composed_path_with_the_same_gradients():
+    # The fused layer recovers z from y = z ⊙ m / ‖·‖, which needs m ≠ 0; a zero entry must fall back, not divide.
+    def gradients(zero: bool) -> list[torch.Tensor]:
+        model = _dora_model("llama")
+        module = dict(lora_modules(model))["model.layers.0.self_attn.q_proj"]
+        with torch.no_grad():
+            module.lora_magnitude_vector[3] = 0.0
+        if not zero:  # the same values through the composed path of every module: dropout forces it
+            for _, m in lora_modules(model):
+                m._no_dropout = False
+        inputs = _inputs("llama")
+        out = _output(model, inputs)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+        return [p.grad for p in adapter_parameters(model).values()]
+
+    fused, composed = gradients(True), gradients(False)
+    assert all(torch.isfinite(g).all() for g in fused)
+    for ours, reference in zip(fused, composed, strict=True):
+        assert relative_error(ours, reference) <= REORDERED
