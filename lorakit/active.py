@@ -207,7 +207,7 @@ def _checked_names(bank: AdapterBank, scales: Mapping[str, float]) -> tuple[str,
 
 def _refuse_dora(bank: AdapterBank, names: tuple[str, ...], slots: list[int]) -> None:
     """DoRA rescales each output feature of W + s·B A as a whole, so its update does not add to others'."""
-    row_scales: dict[str, Tensor] = getattr(bank, "row_scales", {})  # m / ‖W + s·B A‖ per slot, DoRA modules only
+    row_scales = bank.row_scales  # m / ‖W + s·B A‖ per slot, DoRA modules only
     dora = {name for scales in row_scales.values() for name, slot in zip(names, slots, strict=True)
             if not bool((scales[slot] == 1).all())}
     if dora:

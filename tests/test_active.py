@@ -265,8 +265,6 @@ def test_blocks_do_not_nest(adapter_dirs, ids):
     assert all(m._per_row is None for _, m in lora_modules(model))
 
 
-@pytest.mark.skipif("row_scales" not in getattr(AdapterBank, "__dataclass_fields__", {}),
-                    reason="this AdapterBank holds no DoRA adapters")
 def test_dora_adapter_is_refused_by_name(adapter_dirs):
     model, plain = _served(adapter_dirs)
     name, (_, bt) = next(iter(plain.stacks.items()))
