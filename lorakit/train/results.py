@@ -60,22 +60,28 @@ def results_task(config: TrainConfig) -> str:
     return config.data.task
 
 
+def method_label(method: str, init: str, dora: bool) -> str:
+    """The results table's name for a run's method: `lora`, `dora`, `lora-principal`, `dora-principal`, `full`..."""
+    if method != "lora":
+        return method
+    name = "dora" if dora else "lora"
+    return f"{name}-principal" if init == "principal" else name
+
+
 def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
     """What an evaluation scores, for the results table: the training method recorded by the run that wrote the
-    adapter or model (`lora`, `lora-principal`, `full`, `head-only`: read from the run's config.json next to
+    adapter or model (`method_label`'s names: read from the run's config.json next to
     it), else `adapter` for an adapter from elsewhere and `base` for a model that no run here wrote."""
     source = Path(adapter) if adapter is not None else Path(model_name)
     run_config = source.parent / "config.json"
     if source.is_dir() and run_config.is_file():
         try:
             saved = json.loads(run_config.read_text())
-            method, init = saved["run"]["method"], saved["lora"]["init"]
-        except (ValueError, KeyError, TypeError):
+            method, init, dora = saved["run"]["method"], saved["lora"]["init"], saved["lora"].get("dora", False)
+        except (ValueError, KeyError, TypeError, AttributeError):
             method = None
-        if method == "lora" and init == "principal":
-            return "lora-principal"
         if isinstance(method, str):
-            return method
+            return method_label(method, init, dora is True)
     return "adapter" if adapter is not None else "base"
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorakit import distributed
+from lorakit import distributed, sharding
 from lorakit.compress import FactorizeReport, LowRankLinear, factorization_of, save_factorized
 from lorakit.config import LoraConfig
 from lorakit.distill import check_teacher_source
@@ -45,7 +45,7 @@ from lorakit.train.loop import TrainResult, fit
 from lorakit.train.metrics_log import METRICS_FILE, plot_loss_curve
 from lorakit.train.preflight import check_data_files, check_max_length, check_output_dir, resolve_device
 from lorakit.train.readers import read_squad
-from lorakit.train.results import results_task
+from lorakit.train.results import method_label, results_task
 from lorakit.train.sections import TrainConfig
 from lorakit.train.tasks import make_task
 from lorakit.train.tasks.collapse import summary_warnings
@@ -227,6 +227,7 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool 
     """
     check_output_dir(config.run.out_dir)  # before any model loads
     check_data_files(config.data)
+    sharding.check_launch(config.run.parallel)
     if config.distill.enabled:
         try:
             check_teacher_source(config.distill.teacher, config.distill.teacher_adapter)
@@ -267,9 +268,7 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
                  world=world, resume=resume, progress=progress, device=device)
     adapter_dir = _publish(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
     curve = plot_loss_curve(result.history, out_dir / "loss.png") if world.is_main else None
-    method = config.run.method
-    if method == "lora" and config.lora.init == "principal":
-        method = "lora-principal"
+    method = method_label(config.run.method, config.lora.init, config.lora.dora)
     if config.distill.enabled:
         method += "+distill"
     metric_value = _best_metrics(result, prepared.task.metric)
@@ -311,32 +310,37 @@ def _publish(prepared: Prepared, result: TrainResult, out_dir: Path) -> Path:
     checkpoints = dict(list_checkpoints(out_dir))
     step = result.best_step if result.best_step in checkpoints else max(checkpoints)
     source = checkpoints[step]  # type: ignore[index]
-    load_weights(prepared.model, source)
     task_json = json.dumps(prepared.task.state(), indent=2) + "\n"
+    if isinstance(getattr(prepared.model, "lorakit_state", None), AdapterState) and prepared.factorization is None:
+        _publish_files(source / ADAPTER_DIR, out_dir / ADAPTER_DIR, task_json)  # as saved: no model load needed
+        return out_dir / ADAPTER_DIR
+    load_weights(prepared.model, source)
     if not isinstance(getattr(prepared.model, "lorakit_state", None), AdapterState):
         _publish_model(prepared, out_dir / "model", task_json)
         return out_dir / "model"
-    if prepared.factorization is not None:
-        _publish_model(prepared, out_dir / "model", task_json)
-        base = str((out_dir / "model").resolve())
+    _publish_model(prepared, out_dir / "model", task_json)  # an adapter on a factorised model
+    base = str((out_dir / "model").resolve())
 
-        def fill_rebased(tmp: Path) -> None:  # the checkpoint's adapter, saved again with its factorised base
-            staged = save_adapter(prepared.model, tmp / ADAPTER_DIR, base_model=base)
-            for file in staged.iterdir():
-                file.rename(tmp / file.name)
-            staged.rmdir()
-            (tmp / TASK_NAME).write_text(task_json)
+    def fill_rebased(tmp: Path) -> None:  # the checkpoint's adapter, saved again with its factorised base
+        staged = save_adapter(prepared.model, tmp / ADAPTER_DIR, base_model=base)
+        for file in staged.iterdir():
+            file.rename(tmp / file.name)
+        staged.rmdir()
+        (tmp / TASK_NAME).write_text(task_json)
 
-        atomic_write_dir(out_dir / ADAPTER_DIR, fill_rebased)
-        return out_dir / ADAPTER_DIR
+    atomic_write_dir(out_dir / ADAPTER_DIR, fill_rebased)
+    return out_dir / ADAPTER_DIR
 
+
+def _publish_files(source: Path, target: Path, task_json: str) -> None:
+    """A checkpoint's adapter files, copied, with the task beside them (the model is not touched: under fsdp it
+    is sharded)."""
     def fill(tmp: Path) -> None:
-        for file in (source / ADAPTER_DIR).iterdir():
+        for file in source.iterdir():
             shutil.copy2(file, tmp / file.name)
         (tmp / TASK_NAME).write_text(task_json)
 
-    atomic_write_dir(out_dir / ADAPTER_DIR, fill)
-    return out_dir / ADAPTER_DIR
+    atomic_write_dir(target, fill)
 
 
 def _publish_model(prepared: Prepared, directory: Path, task_json: str) -> None:

@@ -214,13 +214,15 @@ def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path
 
     from lorakit.train.results import evaluated_method
 
-    def run_dir(name: str, method: str, init: str) -> Path:
+    def run_dir(name: str, method: str, init: str, dora: bool = False) -> Path:
         out = tmp_path / name
         (out / "adapter").mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps({"run": {"method": method}, "lora": {"init": init}}))
+        (out / "config.json").write_text(json.dumps({"run": {"method": method}, "lora": {"init": init, "dora": dora}}))
         return out
 
     assert evaluated_method("smollm2", run_dir("a", "lora", "principal") / "adapter") == "lora-principal"
+    assert evaluated_method("smollm2", run_dir("d", "lora", "standard", dora=True) / "adapter") == "dora"
+    assert evaluated_method("smollm2", run_dir("e", "lora", "principal", dora=True) / "adapter") == "dora-principal"
     assert evaluated_method("smollm2", run_dir("b", "lora", "standard") / "adapter") == "lora"
     assert evaluated_method(str(run_dir("c", "full", "standard") / "adapter"), None) == "full"
     stray = tmp_path / "elsewhere" / "adapter"
