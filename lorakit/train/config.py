@@ -248,6 +248,9 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     if d.labels is not None and d.task not in ("classification", "ner"):
         out.append((("data.labels", "data.task"), f"data.labels applies to classification and ner, not "
                                                   f"data.task={d.task!r}; remove it"))
+    if r.fsdp_offload and r.parallel != "fsdp":
+        out.append((("run.fsdp_offload", "run.parallel"), f"run.fsdp_offload offloads fsdp's shards, and run.parallel "
+                                                          f"is {r.parallel!r}; set run.parallel=fsdp or remove it"))
     out += _compress_problems(config)
     out += _distill_problems(config)
     sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))

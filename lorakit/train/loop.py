@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import distributed
+from lorakit import distributed, sharding
 from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.fileio import recover_interrupted_writes
@@ -143,7 +143,11 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     world = world or World()
     out_dir = Path(run.out_dir)
     model.to(device)
-    train_model = distributed.wrap(model, world, torch.device(device))  # DDP over the trainable parameters
+    if run.parallel == "fsdp":  # sharded in place: the model is its own wrapper
+        train_model = sharding.shard(model, world, torch.device(device), mixed_precision=run.mixed_precision,
+                                     offload=run.fsdp_offload)
+    else:
+        train_model = distributed.wrap(model, world, torch.device(device))  # DDP over the trainable parameters
     optimizer = build_optimizer(model, optim)
     steps = total_steps(len(train_features), optim, world)
     scheduler = build_scheduler(optimizer, optim, steps)
@@ -207,7 +211,8 @@ def _train_step(model: nn.Module, train_model: nn.Module, task: Task, features: 
                 ) -> tuple[float, int]:
     """One optimizer step (forward and backward over `grad_accum` micro-batches, guards, clipping, update);
     returns the loss and token count, averaged and summed over ranks."""
-    loss_value, batch_tokens = _accumulate(train_model, task, features, batches, optim, pos, autocast, device)
+    loss_value, batch_tokens = _accumulate(train_model, task, features, batches, optim, pos, autocast, device,
+                                           world)
     if world.size > 1:
         loss_value, mean_tokens = distributed.all_reduce_mean([loss_value, float(batch_tokens)], world)
         batch_tokens = int(mean_tokens * world.size)
@@ -237,9 +242,11 @@ def _evaluate_and_track(model: nn.Module, task: Task, features: list[Features], 
 
 
 def _accumulate(model: nn.Module, task: Task, features: list[Features], batches: Iterator[tuple[int, int, list[int]]],
-                optim: OptimSection, pos: _Position, autocast: Any, device: torch.device | str) -> tuple[float, int]:
+                optim: OptimSection, pos: _Position, autocast: Any, device: torch.device | str, world: World
+                ) -> tuple[float, int]:
     """Run `grad_accum` micro-batches forward and backward; returns (mean loss, tokens). Under DDP, gradients
-    are synchronised once, on the last micro-batch."""
+    are synchronised once, on the last micro-batch. A non-finite loss on any rank stops every rank (before a
+    backward whose collectives the stopped rank would never join)."""
     total, tokens = 0.0, 0
     for micro in range(optim.grad_accum):
         epoch, index, indices = next(batches)
@@ -250,8 +257,9 @@ def _accumulate(model: nn.Module, task: Task, features: list[Features], batches:
         with no_sync:
             with autocast:
                 loss = task.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise _NonFiniteLoss(f"loss is {loss.item()} at step {pos.step + 1} (epoch {epoch}, batch {index})")
+            if not sharding.all_true(bool(torch.isfinite(loss)), world):
+                value = loss.item() if not torch.isfinite(loss) else "not finite on another process"
+                raise _NonFiniteLoss(f"loss is {value} at step {pos.step + 1} (epoch {epoch}, batch {index})")
             (loss / optim.grad_accum).backward()
         total += loss.item() / optim.grad_accum
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
@@ -307,12 +315,15 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: A
                 history: list[dict[str, Any]], best: _Best, run: RunSection, world: World) -> Path:
     """Every rank calls this (its RNG state is gathered); rank 0 writes. Returns the checkpoint's directory."""
     rng = distributed.gather_objects(rng_states(), world)
-    if world.is_main:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
-                 "epoch": pos.epoch, "batch": pos.batch, "rng": rng, "world_size": world.size,
-                 "best": best.state(), "history": history}
-        save_checkpoint(Path(run.out_dir), pos.step, model, state)
-        prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
+    sharded = sharding.is_sharded(model)  # fsdp: the optimizer state and the adapter gathered whole on rank 0
+    optimizer_state = sharding.optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    with sharding.full_trainables(model):
+        if world.is_main:
+            state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": pos.step,
+                     "epoch": pos.epoch, "batch": pos.batch, "rng": rng, "world_size": world.size,
+                     "best": best.state(), "history": history}
+            save_checkpoint(Path(run.out_dir), pos.step, model, state)
+            prune_checkpoints(Path(run.out_dir), run.keep_last, best.step)
     distributed.barrier(world)  # no rank runs ahead of a checkpoint it may resume from
     return step_dir(run.out_dir, pos.step)
 
@@ -327,9 +338,13 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     if state["world_size"] != world.size:
         raise LorakitError(f"{path} was written by {state['world_size']} processes and this run has "
                            f"{world.size}; resume with the same --nproc-per-node")
-    load_weights(model, path)
+    with sharding.full_trainables(model, write_back=True):
+        load_weights(model, path)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharding.is_sharded(model):
+            sharding.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_states(state["rng"][world.rank])
         best.load(state["best"])

@@ -118,6 +118,10 @@ class RunSection:
     activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
     mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
     device: auto (CUDA when there is one), cpu or cuda.
+    parallel: how processes under torchrun share the work: ddp (each holds the whole model and trains on its share
+        of the batch) or fsdp (each holds 1/N of every weight, gathered block by block: for a base too big for one
+        device; needs torchrun; see docs/distributed.md).
+    fsdp_offload: with fsdp on CUDA, keep the weight shards, gradients and optimizer state in CPU memory.
     """
 
     out_dir: str = "runs/default"
@@ -133,6 +137,8 @@ class RunSection:
     activation_checkpointing: bool = False
     mixed_precision: str = "no"
     device: str = "auto"
+    parallel: str = "ddp"
+    fsdp_offload: bool = False
 
 
 @dataclass
@@ -230,6 +236,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.mixed_precision": ("no", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.method": ("lora", "head-only", "full", "factors"),
+    "run.parallel": ("ddp", "fsdp"),
     "compress.method": ("svd", "activation"),
 }
 _SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int
