@@ -337,7 +337,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "fingerprint": metadata.get("lorakit_fingerprint"),
         "task_type": raw_config.get("task_type"),
         "rank": config.rank, "ranks": counts,
-        "alpha": config.alpha, "init": config.init, "rslora": config.rslora,
+        "alpha": config.alpha, "init": config.init, "rslora": config.rslora, "dora": config.dora,
         "targets": len(ranks),
         "rank_overrides": len(config.rank_pattern),
         "modules_to_save": config.modules_to_save,

@@ -344,3 +344,14 @@ def test_zero_magnitude_entry_takes_the_composed_path_with_the_same_gradients():
     assert all(torch.isfinite(g).all() for g in fused)
     for ours, reference in zip(fused, composed, strict=True):
         assert relative_error(ours, reference) <= REORDERED
+
+
+def test_inspect_reports_a_dora_adapter(tmp_path):
+    from lorakit import inspect_adapter
+
+    save_adapter(_dora_model("llama"), tmp_path / "dora")
+    plain = tiny_llama()
+    inject(plain, LoraConfig(rank=4, targets=["llama"]))
+    save_adapter(plain, tmp_path / "plain")
+    assert inspect_adapter(tmp_path / "dora")["dora"] is True
+    assert inspect_adapter(tmp_path / "plain")["dora"] is False
