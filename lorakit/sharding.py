@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -82,7 +83,9 @@ def shard(model: nn.Module, world: World, device: torch.device, *, mixed_precisi
     mixed_precision: bf16 or fp16 gathers and computes with the weights in that dtype and reduces gradients in
         float32 (FSDP2's MixedPrecisionPolicy), on top of the loop's autocast; no: the weights' own dtype.
     offload: keep the shards, their gradients and the optimizer state in CPU memory between uses (CUDA only).
-    A world of one is trained as it is (nothing to shard over), after the same check that its blocks are found.
+    The model may still be on the CPU: each unit moves to `device` as it is sharded, so a base larger than one
+    GPU never lands on one whole. A world of one is moved and trained as it is (nothing to shard over), after the
+    same check that its blocks are found.
     Raises LorakitError for a model without blocks, or offload on a CPU run.
     """
     blocks = block_classes(model)
@@ -91,8 +94,8 @@ def shard(model: nn.Module, world: World, device: torch.device, *, mixed_precisi
                            "set run.fsdp_offload=false")
     if world.size == 1:
         log.info("run.parallel=fsdp with one process: nothing to shard, training the model whole")
-        return model
-    options: dict[str, Any] = {}
+        return model.to(device)
+    options: dict[str, Any] = {"mesh": init_device_mesh(device.type, (world.size,))}
     if mixed_precision in _DTYPES:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
     if offload:

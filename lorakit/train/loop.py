@@ -142,11 +142,11 @@ def fit(model: nn.Module, task: Task, train_features: list[Features], eval_featu
     """Train the adapter of `model` (already injected) on `train_features`; see the module docstring."""
     world = world or World()
     out_dir = Path(run.out_dir)
-    model.to(device)
-    if run.parallel == "fsdp":  # sharded in place: the model is its own wrapper
+    if run.parallel == "fsdp":  # sharded in place, moved to the device unit by unit: the model is its own wrapper
         train_model = sharding.shard(model, world, torch.device(device), mixed_precision=run.mixed_precision,
                                      offload=run.fsdp_offload)
     else:
+        model.to(device)
         train_model = distributed.wrap(model, world, torch.device(device))  # DDP over the trainable parameters
     optimizer = build_optimizer(model, optim)
     steps = total_steps(len(train_features), optim, world)
