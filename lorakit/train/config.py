@@ -248,6 +248,11 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     if d.labels is not None and d.task not in ("classification", "ner"):
         out.append((("data.labels", "data.task"), f"data.labels applies to classification and ner, not "
                                                   f"data.task={d.task!r}; remove it"))
+    if r.parallel == "fsdp" and (r.method != "lora" or config.compress.enabled):
+        out.append((("run.parallel", "run.method"), f"run.parallel=fsdp trains a LoRA adapter on an unfactorised base "
+                                                    f"(run.method=lora, no compress), got run.method={r.method!r}"
+                                                    f"{' with compress' if config.compress.enabled else ''}; "
+                                                    "set run.parallel=ddp"))
     if r.fsdp_offload and r.parallel != "fsdp":
         out.append((("run.fsdp_offload", "run.parallel"), f"run.fsdp_offload offloads fsdp's shards, and run.parallel "
                                                           f"is {r.parallel!r}; set run.parallel=fsdp or remove it"))

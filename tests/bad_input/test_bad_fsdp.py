@@ -1,6 +1,7 @@
 """Bad input for sharded training (run.parallel=fsdp): launched without torchrun, a model without repeated blocks,
-a resume with another number of processes, offload on the CPU or without fsdp. Each gives exit 2 and one `error:`
-line. The torchrun cases run in this process as a torchrun world of one (WORLD_SIZE=1, no process group)."""
+a resume with another number of processes, offload on the CPU or without fsdp, a run other than plain LoRA. Each
+gives exit 2 and one `error:` line. The torchrun cases run in this process as a torchrun world of one
+(WORLD_SIZE=1, no process group)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,13 @@ def test_fsdp_offload_without_fsdp_or_on_cpu_is_refused(parallel, tmp_path, tiny
                           device="cpu")
     matches = r"run\.fsdp_offload .*run\.parallel=fsdp" if parallel == "ddp" else r"run\.fsdp_offload .* CPU"
     expect_cli_error(["train", config], capsys, matches=matches)
+
+
+@pytest.mark.parametrize(("flags", "matches"), [
+    (["--run.method=full"], r"run\.method='full'; set run\.parallel=ddp"),
+    (["--compress.rank=4"], r"run\.method='lora' with compress; set run\.parallel=ddp"),
+], ids=["full", "compress"])
+def test_fsdp_with_a_run_that_is_not_plain_lora_is_refused(flags, matches, tmp_path, tiny_classifier_dir,
+                                                           sentiment_tsv, torchrun_env, capsys):
+    config = _fsdp_config(tmp_path, tiny_classifier_dir, sentiment_tsv)
+    expect_cli_error(["train", config, *flags], capsys, matches=matches)
