@@ -22,11 +22,10 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from bench_train_step import LLAMA_PROJECTIONS, MB, PeakMemory
+from bench_train_step import LLAMA_PROJECTIONS, MB, PeakMemory, interleaved_steps
 
 from lorakit import LoraConfig, inject
 from lorakit.models import load_model
@@ -91,22 +90,7 @@ def main() -> None:
 
     steps = build(args.batch_size, args.seq_len, args.rank, args.alpha, args.seed)
     memory = PeakMemory()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    peaks: dict[str, list[int]] = {name: [] for name in steps}
-    first_losses: dict[str, float] = {}
-    for round_ in range(args.warmup + args.steps):
-        for name, step in steps.items():  # interleaved: A B C D A B C D ...
-            result: list[float] = []
-            start = time.perf_counter()
-            peak = memory.measure(lambda step=step, result=result: result.append(step()))  # type: ignore[misc]
-            elapsed = time.perf_counter() - start
-            first_losses.setdefault(name, result[0])
-            if round_ >= args.warmup:
-                times[name].append(elapsed)
-                peaks[name].append(peak)
-            kind = "warmup" if round_ < args.warmup else "step"
-            print(f"{kind} {round_}: {name:12s} {elapsed:7.3f} s  peak +{peak / MB:7.1f} MB", flush=True)
-
+    times, peaks, first_losses = interleaved_steps(dict(steps), args.steps, args.warmup, memory)
     median = {name: statistics.median(values) for name, values in times.items()}
     peak_mb = {name: statistics.median(values) / MB for name, values in peaks.items()}
     ratios = {"dora_over_peft_dora": median["lorakit_dora"] / median["peft_dora"],
@@ -117,7 +101,8 @@ def main() -> None:
         print(f"median {name:12s} {median[name]:7.3f} s  peak +{peak_mb[name]:7.1f} MB  (n={len(times[name])})")
     print("  ".join(f"{key} {value:.2f}" for key, value in ratios.items()))
     # B starts at zero and m at ‖W‖, so every first-step loss is the base model's: a check that all four agree.
-    print("first-step loss: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first_losses.items()))
+    print("first-step loss: " + ", ".join(f"{name} {loss:.6f}" for name, loss in first_losses.items()
+                                          if loss is not None))
     print(json.dumps({
         "benchmark": "dora_step", "model": "smollm2", "batch_size": args.batch_size, "seq_len": args.seq_len,
         "rank": args.rank, "alpha": args.alpha, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,

@@ -100,6 +100,32 @@ class PeakMemory:
         return max(peak[0], _status_kb("VmRSS") * 1024) - before
 
 
+def interleaved_steps(steps: dict[str, Callable[[], float | None]], rounds: int, warmup: int, memory: PeakMemory
+                      ) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, float | None]]:
+    """Run the steps A B C ... A B C ..., `warmup` unmeasured rounds first; return each step's seconds and peak
+    memory (bytes) per measured round, and the value its first call returned (a loss)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, list[int]] = {name: [] for name in steps}
+    first: dict[str, float | None] = {}
+    for round_ in range(warmup + rounds):
+        for name, step in steps.items():
+            result: list[float | None] = []
+
+            def run(step: Callable[[], float | None] = step, result: list[float | None] = result) -> None:
+                result.append(step())
+
+            start = time.perf_counter()
+            peak = memory.measure(run)
+            elapsed = time.perf_counter() - start
+            first.setdefault(name, result[0])
+            if round_ >= warmup:
+                times[name].append(elapsed)
+                peaks[name].append(peak)
+            kind = "warmup" if round_ < warmup else "step"
+            print(f"{kind} {round_}: {name:12s} {elapsed:7.3f} s  peak +{peak / MB:7.1f} MB", flush=True)
+    return times, peaks, first
+
+
 def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int
           ) -> tuple[dict[str, Callable[[], float | None]], dict[str, torch.Tensor]]:
     """The four steps as closures (each returns its loss, or None) over their own model copies."""
@@ -164,26 +190,7 @@ def main() -> None:
 
     steps, _ = build(args.batch_size, args.seq_len, args.rank, args.alpha, args.seed)
     memory = PeakMemory()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    peaks: dict[str, list[int]] = {name: [] for name in steps}
-    first_losses: dict[str, float | None] = {}
-    for round_ in range(args.warmup + args.steps):
-        for name, step in steps.items():  # interleaved: A B C D A B C D ...
-            result: list[float | None] = []
-
-            def run(step: Callable[[], float | None] = step, result: list[float | None] = result) -> None:
-                result.append(step())
-
-            start = time.perf_counter()
-            peak = memory.measure(run)
-            elapsed = time.perf_counter() - start
-            first_losses.setdefault(name, result[0])
-            if round_ >= args.warmup:
-                times[name].append(elapsed)
-                peaks[name].append(peak)
-            kind = "warmup" if round_ < args.warmup else "step"
-            print(f"{kind} {round_}: {name:8s} {elapsed:7.3f} s  peak +{peak / MB:7.1f} MB", flush=True)
-
+    times, peaks, first_losses = interleaved_steps(steps, args.steps, args.warmup, memory)
     median = {name: statistics.median(values) for name, values in times.items()}
     peak_mb = {name: statistics.median(values) / MB for name, values in peaks.items()}
     ratios = {"lorakit_over_peft": median["lorakit"] / median["peft"],

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lorakit.errors import LorakitError
-from lorakit.fused import forward_products, lora_linear
+from lorakit.fused import backward_products, forward_products, lora_linear
 
 MAGNITUDE = "lora_magnitude_vector"  # the parameter's name in modules, state dicts and PEFT's files
 
@@ -150,13 +150,8 @@ class _DoraLinear(torch.autograd.Function):
                 grad_m.sub_(grad_bias * bias)
             grad_m.div_(magnitude)
         g2 = torch.mul(g, scale, out=buffer)
-        g_h = (g2 @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
-        grad_b = (g2.T @ h).mul_(scaling) if need_b else None
-        grad_a = g_h.T @ flat if need_a and g_h is not None else None
-        grad_x = None
-        if need_x and g_h is not None:
-            grad_x = (g2 @ weight).addmm_(g_h, a).view(ctx.input_shape)
-        grad_w = g2.T @ flat if need_w else None
+        grad_x, grad_w, grad_a, grad_b = backward_products(g2, flat, h, weight, a, b, scaling, ctx.input_shape,
+                                                           need_x, need_w, need_a, need_b)
         return grad_x, grad_w, grad_bias if need_bias else None, grad_a, grad_b, grad_m, None, None
 
 

@@ -36,6 +36,20 @@ def forward_products(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, 
     return flat, h, out
 
 
+def backward_products(g: Tensor, flat: Tensor, h: Tensor, weight: Tensor, a: Tensor, b: Tensor, scaling: float,
+                      input_shape: torch.Size, need_x: bool, need_w: bool, need_a: bool, need_b: bool
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dW, dA, dB) of `forward_products`' output for its gradient g (N, out); None where not needed."""
+    g_h = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
+    grad_b = (g.T @ h).mul_(scaling) if need_b else None  # (out, r)
+    grad_a = g_h.T @ flat if need_a and g_h is not None else None  # (r, in)
+    grad_x = None
+    if need_x and g_h is not None:
+        grad_x = (g @ weight).addmm_(g_h, a).view(input_shape)  # (..., in)
+    grad_w = g.T @ flat if need_w else None
+    return grad_x, grad_w, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
@@ -53,13 +67,8 @@ class _LoraLinear(torch.autograd.Function):
         scaling: float = ctx.scaling
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        g_h = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
-        grad_b = (g.T @ h).mul_(scaling) if need_b else None  # (out, r)
-        grad_a = g_h.T @ flat if need_a and g_h is not None else None  # (r, in)
-        grad_x = None
-        if need_x and g_h is not None:
-            grad_x = (g @ weight).addmm_(g_h, a).view(ctx.input_shape)  # (..., in)
-        grad_w = g.T @ flat if need_w else None
+        grad_x, grad_w, grad_a, grad_b = backward_products(g, flat, h, weight, a, b, scaling, ctx.input_shape,
+                                                           need_x, need_w, need_a, need_b)
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
