@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bank_adapters import randomize_factors, save_config_adapters
 from conftest import TOLERANCES, assert_close, relative_error, tiny_gpt2, tiny_llama
 from torch import nn
 
@@ -30,31 +31,9 @@ from lorakit.layers import lora_modules
 
 SUMMED_RTOL = TOLERANCES["fp32 reordered"][0]  # one wide product against a saved adapter's, summed in another order
 CHANGED = TOLERANCES["adapter changes output"][0]
-# Different ranks, alpha and rank patterns, rsLoRA, and an adapter of only some modules (zeros elsewhere).
-CONFIGS = {
-    "a": LoraConfig(rank=2, alpha=4, targets=["llama"]),
-    "b": LoraConfig(rank=6, alpha=3, targets=["llama"], rank_pattern={"v_proj": 3}, alpha_pattern={"o_proj": 9.0}),
-    "c": LoraConfig(rank=4, alpha=8, targets=["q_proj", "down_proj"], rslora=True),
-}
-
-
-def _randomize(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, module in lora_modules(model):
-            for p in module.lora_parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
-    out = {}
-    for seed, (name, config) in enumerate(CONFIGS.items()):
-        model = tiny_llama()
-        inject(model, config)
-        _randomize(model, seed)
-        out[name] = Path(save_adapter(model, tmp_path_factory.mktemp(name)))
-    return out
+    return save_config_adapters(tmp_path_factory)
 
 
 @pytest.fixture
@@ -155,7 +134,7 @@ def test_module_strength_multiplies_the_whole_sum(adapter_dirs, ids):
 def test_fan_in_fan_out_modules_give_the_adapter_s_outputs(tmp_path, ids):
     source = tiny_gpt2()
     inject(source, LoraConfig(rank=3, alpha=6, targets=["c_attn", "c_proj"]))
-    _randomize(source, 7)
+    randomize_factors(source, 7)
     model = tiny_gpt2()
     load_adapter(model, save_adapter(source, tmp_path / "g"))
     bank = AdapterBank.from_adapters(model, {"g": source})

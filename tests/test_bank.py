@@ -5,40 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bank_adapters import save_config_adapters
 from conftest import TOLERANCES, assert_close, relative_error, tiny_llama
 from torch import nn
 
-from lorakit import AdapterBank, LoraConfig, inject, load_adapter, merge, per_row_adapters, save_adapter
+from lorakit import AdapterBank, load_adapter, merge, per_row_adapters
 from lorakit.errors import LorakitError, MergeStateError
 from lorakit.layers import LoraLinear, lora_modules
 
 MIXED_RTOL = TOLERANCES["fp32 reordered"][0]  # batched products sum in another order than one adapter's addmm
 CHANGED = TOLERANCES["adapter changes output"][0]
-# Different ranks, an alpha override and an adapter that adapts only some of the modules (zeros elsewhere).
-CONFIGS = {
-    "a": LoraConfig(rank=2, alpha=4, targets=["llama"]),
-    "b": LoraConfig(rank=6, alpha=3, targets=["llama"], rank_pattern={"v_proj": 3}, alpha_pattern={"o_proj": 9.0}),
-    "c": LoraConfig(rank=4, alpha=8, targets=["q_proj", "down_proj"], rslora=True),
-}
-
-
-def _randomize(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, module in lora_modules(model):
-            for p in module.lora_parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory) -> dict[str, object]:
-    out = {}
-    for seed, (name, config) in enumerate(CONFIGS.items()):
-        model = tiny_llama()
-        inject(model, config)
-        _randomize(model, seed)
-        out[name] = save_adapter(model, tmp_path_factory.mktemp(name))
-    return out
+    return save_config_adapters(tmp_path_factory)
 
 
 @pytest.fixture
