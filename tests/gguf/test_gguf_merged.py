@@ -183,3 +183,12 @@ def test_an_error_while_writing_leaves_no_file(tiny, tmp_path, monkeypatch) -> N
 def test_unknown_type_is_refused(tiny, tmp_path) -> None:
     with pytest.raises(LorakitError, match=r"type must be one of f16, q8_0, got 'q4_0'"):
         export_gguf(str(tiny[0]), tmp_path / "m.gguf", type="q4_0")
+
+
+def test_a_dora_adapter_merges_into_the_gguf_like_any_other(tiny, tmp_path) -> None:
+    base, _ = tiny
+    adapter = lora_adapter(tmp_path / "dora", base, dora=True)
+    loaded = load_for_inference(None, adapter)
+    rounded = {k: v.half().float() if v.ndim == 2 else v for k, v in merged_state_dict(loaded.model).items()}
+    out = export_gguf(None, tmp_path / "dora.gguf", adapter=adapter).out
+    assert_close(_gguf_logits(out), _logits_with(loaded.model, rounded), "fp32 reordered")
