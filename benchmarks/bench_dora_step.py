@@ -18,14 +18,13 @@ Run A B C D A B C D ... after `--warmup` rounds; peak memory of each step is mea
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
 from collections.abc import Callable
 
 import torch
-from bench_train_step import LLAMA_PROJECTIONS, MB, PeakMemory, interleaved_steps
+from bench_train_step import LLAMA_PROJECTIONS, MB, PeakMemory, interleaved_steps, step_arguments
 
 from lorakit import LoraConfig, inject
 from lorakit.models import load_model
@@ -76,17 +75,7 @@ def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="measured rounds (each runs all four steps)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    args = step_arguments(__doc__.splitlines()[0])
 
     steps = build(args.batch_size, args.seq_len, args.rank, args.alpha, args.seed)
     memory = PeakMemory()

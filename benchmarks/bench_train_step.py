@@ -100,6 +100,22 @@ class PeakMemory:
         return max(peak[0], _status_kb("VmRSS") * 1024) - before
 
 
+def step_arguments(description: str) -> argparse.Namespace:
+    """The command line of the step races: rounds, warm-up and the reference setting's sizes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=5, help="measured rounds (each runs all four steps)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    return args
+
+
 def interleaved_steps(steps: dict[str, Callable[[], float | None]], rounds: int, warmup: int, memory: PeakMemory
                       ) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, float | None]]:
     """Run the steps A B C ... A B C ..., `warmup` unmeasured rounds first; return each step's seconds and peak
@@ -176,17 +192,7 @@ def build(batch_size: int, seq_len: int, rank: int, alpha: float, seed: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="measured rounds (each runs all four steps)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    args = step_arguments(__doc__.splitlines()[0])
 
     steps, _ = build(args.batch_size, args.seq_len, args.rank, args.alpha, args.seed)
     memory = PeakMemory()
