@@ -171,6 +171,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from lorakit.ui.security import UiSettings, check_bind, read_token_file
+
+    token = read_token_file(args.token_file) if args.token_file else None
+    check_bind(args.host, token)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LorakitError(f"lorakit ui needs FastAPI and uvicorn ({e.name} is missing); install the ui extra: "
+                           "pip install 'lorakit[ui]'") from None
+    from lorakit.ui import serve
+
+    settings = UiSettings(runs_dir=Path(args.runs_dir), host=args.host, port=args.port, token=token,
+                          allow=[Path(p) for p in args.allow])
+    print(f"lorakit ui on http://{args.host}:{args.port}/ (runs in {settings.shown(settings.runs_dir)}; "
+          "Ctrl-C stops the page, not the runs)", flush=True)
+    serve(settings)
+    return 0
+
+
 def parse_combine_adapters(items: list[str]) -> dict[str, tuple[str | Path, float]]:
     """`NAME=ADAPTER_DIR[:WEIGHT]` arguments as combine's {name: (adapter_dir, weight)}; the weight defaults to 1.0
     and is the text after the last ':'. Raises LorakitError naming the argument and the expected form."""
@@ -221,6 +242,8 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                 "adapter", cmd_combine),
     "export": ("write a model (with an adapter merged) or an adapter alone as a GGUF file for llama.cpp and "
                "Ollama", cmd_export),
+    "ui": ("serve a web page to start, watch, compare and try runs (127.0.0.1:7860 by default; the ui extra)",
+           cmd_ui),
 }
 
 
@@ -320,3 +343,12 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
                      "or q8_0 (8-bit blocks of 32, about half the size)")
     exp.add_argument("--force", action="store_true", help="replace an earlier GGUF file at --out")
     exp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ui = parsers["ui"]
+    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                    "only; any other needs --token-file)")
+    ui.add_argument("--port", type=int, default=7860, help="the port (default 7860)")
+    ui.add_argument("--runs-dir", default="runs", help="where runs are written and listed (default runs)")
+    ui.add_argument("--token-file", metavar="FILE", help="a file holding a secret every request must carry (open the "
+                    "page as http://HOST:PORT/?token=SECRET)")
+    ui.add_argument("--allow", action="append", default=[], metavar="DIR", help="a further directory data and model "
+                    "paths may name (besides the working directory and --runs-dir); repeatable")
