@@ -76,7 +76,8 @@ def answer(settings: UiSettings, cache: ModelCache, body: dict[str, Any]) -> lis
     chat = bool(body.get("chat", True))
     answers = []
     with cache.lock:
-        for label, adapter in [(f"base ({base})", None), *adapters]:
+        shown = settings.shown(Path(base)) if Path(base).is_absolute() else base
+        for label, adapter in [(f"base ({shown})", None), *adapters]:
             loaded = cache.get(recorded_base(adapter) or base if adapter else base, adapter)
             check_can_generate(loaded.model, label)
             text = generate(loaded.model, loaded.tokenizer, [prompt], sampling, chat=chat and

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from ui_helpers import UPLOAD_CAP, tiny_recipe
+from ui_helpers import UPLOAD_CAP, make_lm_adapter, tiny_recipe
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -139,3 +139,19 @@ def test_a_failed_run_shows_the_clis_one_line_error(client, workdir):
     assert launch(client, "empty").status_code == 200
     run = wait_for(client, "empty", lambda r: r["status"] != "running")
     assert run["status"] == "failed" and run["error"].startswith("error: "), run
+
+
+def test_base_and_adapter_answer_the_same_prompt_differently(client, settings, workdir):
+    make_lm_adapter(workdir, settings.runs_dir)
+    assert client.get("/api/adapters").json()["adapters"] == ["lm"]
+    response = client.post("/api/generate", json={"prompt": "hello", "adapters": ["lm"], "max_new_tokens": 8})
+    answers = response.json()["answers"]
+    assert [a["label"] for a in answers] == ["base (tiny-llama)", "lm"]
+    assert answers[0]["text"] != answers[1]["text"] and all(a["text"] for a in answers)
+
+
+def test_an_adapter_that_is_not_a_finished_run_is_refused(client):
+    response = client.post("/api/generate", json={"prompt": "hello", "adapters": ["../lm"]})
+    assert response.status_code == 400 and "run name" in response.json()["errors"][0]
+    response = client.post("/api/generate", json={"prompt": "hello", "adapters": ["nothing"]})
+    assert response.status_code == 400 and "has no adapter" in response.json()["errors"][0]
