@@ -105,8 +105,8 @@ def run_row(settings: UiSettings, launcher: Launcher, name: str) -> dict[str, An
     rows = read_metrics(out / METRICS_FILE)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
-    metric, value = _metric(summary, evals)
     section = _sections(config)
+    metric, value = _metric(summary, evals, section("data").get("task") or (info or {}).get("task"))
     share = None
     if summary and summary.get("total_params"):
         share = summary["trainable_params"] / summary["total_params"]
@@ -172,15 +172,19 @@ def _sections(config: dict[str, Any]) -> Any:
     return section
 
 
-def _metric(summary: dict[str, Any] | None, evals: list[dict[str, Any]]) -> tuple[str | None, float | None]:
+def _metric(summary: dict[str, Any] | None, evals: list[dict[str, Any]],
+            task: str | None) -> tuple[str | None, float | None]:
+    """The run's own metric: the summary's, else its task's primary metric at the last evaluation that has it
+    (what `lorakit train` reports)."""
     if summary and summary.get("metric"):
         return summary["metric"], summary.get("value")
-    if not evals:
-        return None, None
-    last = evals[-1]
-    keys = [k for k in last if k.startswith("eval_") and k not in ("eval_loss", "eval_predicted_classes")]
-    key = keys[0] if keys else "eval_loss"
-    return key.removeprefix("eval_"), last.get(key)
+    from lorakit.train.tasks import TASKS
+
+    metric = TASKS[task].metric if task in TASKS else None
+    if metric is None or not evals:
+        return metric, None
+    scored = [e for e in evals if f"eval_{metric}" in e]
+    return metric, scored[-1][f"eval_{metric}"] if scored else None
 
 
 def _tqdm_total(settings: UiSettings, name: str) -> int | None:

@@ -8,10 +8,21 @@ import time
 
 import pytest
 import yaml
-from ui_helpers import UPLOAD_CAP, make_lm_adapter, tiny_recipe
+from ui_helpers import UPLOAD_CAP, make_lm_adapter, make_workdir, page_settings, tiny_recipe
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_classifier_dir, monkeypatch):
+    monkeypatch.chdir(make_workdir(tmp_path / "work", tiny_classifier_dir))
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def settings(workdir):
+    return page_settings(workdir)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ui_helpers import UPLOAD_CAP, make_lm_adapter, tiny_recipe
+from ui_helpers import UPLOAD_CAP, make_lm_adapter, make_workdir, page_settings, tiny_recipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the browser tests need Chromium: apt-get install chromium "
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="the browser tests need
 pytest.importorskip("playwright.sync_api")
 pytest.importorskip("uvicorn")
 
-POSITIVE = ["a fine film", "great acting", "wonderful and moving", "a joy to watch", "superb story", "loved it"]
-NEGATIVE = ["a dull film", "bad acting", "boring and slow", "a waste of time", "awful story", "hated it"]
 LATENCY_LIMIT_MS = 200.0
 SHOTS = os.environ.get("LORAKIT_UI_SCREENSHOTS")
 SHOTS_DIR = Path(SHOTS).resolve() if SHOTS else None  # before the server changes the working directory
@@ -45,19 +43,12 @@ def server(tmp_path_factory, tiny_classifier_dir):
     recipe; yields (url, working directory, settings)."""
     import uvicorn
 
-    from lorakit.ui import UiSettings, create_app
+    from lorakit.ui import create_app
 
-    root = tmp_path_factory.mktemp("ui-work")
-    shutil.copytree(tiny_classifier_dir, root / "tiny-bert")
-    (root / "data").mkdir()
-    rows = [(s, 1) for s in POSITIVE] * 4 + [(s, 0) for s in NEGATIVE] * 4
-    (root / "data" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
-    (root / "data" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows[::4]))
-    (root / "recipes").mkdir()
-    (root / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe()))
+    root = make_workdir(tmp_path_factory.mktemp("ui") / "work", tiny_classifier_dir)
     before = os.getcwd()
     os.chdir(root)
-    settings = UiSettings(root=root, runs_dir=Path("runs"), max_upload_bytes=UPLOAD_CAP)
+    settings = page_settings(root)
     app = create_app(settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,12 @@
-"""Shared values of the page's tests: the upload cap and a tiny recipe."""
+"""Shared by the page's tests: the upload cap, a tiny recipe, a working directory for the page (the tiny classifier
+and the toy sentiment data copied in, recipes/tiny.yaml), and a tiny causal LM adapter."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
 
 UPLOAD_CAP = 4096
 
@@ -57,3 +63,28 @@ def make_lm_adapter(root, runs_dir, name: str = "lm"):
                 param.normal_(0.0, 1.0)
     (runs_dir / name).mkdir(parents=True, exist_ok=True)
     return save_adapter(model, runs_dir / name / "adapter", base_model=str(base))
+
+
+POSITIVE = ["a fine film", "great acting", "wonderful and moving", "a joy to watch", "superb story", "loved it"]
+NEGATIVE = ["a dull film", "bad acting", "boring and slow", "a waste of time", "awful story", "hated it"]
+
+
+def make_workdir(root: Path, tiny_classifier_dir: Path) -> Path:
+    """A working directory for the page at `root`: tiny-bert/ (the tiny classifier), data/train.tsv and
+    data/dev.tsv (the toy sentiment task of tests/conftest.py), recipes/tiny.yaml training on them."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_classifier_dir, root / "tiny-bert")
+    (root / "data").mkdir()
+    rows = [(s, 1) for s in POSITIVE] * 4 + [(s, 0) for s in NEGATIVE] * 4
+    (root / "data" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    (root / "data" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows[::4]))
+    (root / "recipes").mkdir()
+    (root / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe()))
+    return root
+
+
+def page_settings(root: Path):
+    """The page's settings for working directory `root`, with the small upload cap of the tests."""
+    from lorakit.ui.security import UiSettings
+
+    return UiSettings(root=root, runs_dir=Path("runs"), max_upload_bytes=UPLOAD_CAP)
