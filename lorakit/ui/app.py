@@ -139,6 +139,11 @@ def create_app(settings: UiSettings) -> FastAPI:
         launcher.stop(name)
         return {"stopped": name}
 
+    @app.post("/api/runs/{name}/resume")
+    def resume(name: str) -> dict[str, Any]:
+        _known(name)
+        return launcher.resume(name)
+
     @app.get("/api/adapters")
     def adapters() -> dict[str, Any]:
         return {"adapters": tryout.adapter_runs(settings)}

@@ -53,17 +53,34 @@ class Launcher:
             config = record / str(plan.upload_name)
             config.write_text(str(plan.upload_text), encoding="utf-8")
         argv = ["train", self.settings.shown(config), *plan.overrides]
-        env = dict(os.environ, LORAKIT_PROGRESS="1", PYTHONUNBUFFERED="1")
-        with open(record / "stdout.log", "wb") as out, open(record / "stderr.log", "wb") as err:
-            process = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], cwd=self.settings.root, stdout=out,
-                                       stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        info = {"name": plan.name, "pid": process.pid, "started": time.time(), "command": "lorakit " + " ".join(argv),
+        info = {"name": plan.name, "argv": argv, "command": "lorakit " + " ".join(argv),
                 "resume": "lorakit " + " ".join([*argv, "--resume"]), "out_dir": self.settings.shown(plan.out_dir),
                 "task": plan.config.data.task, "model": plan.config.model.name, "rank": plan.config.lora.rank,
                 "max_steps": plan.config.optim.max_steps, "method": plan.config.run.method}
+        return self._spawn(plan.name, argv, info)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        """Continue a stopped or failed run from its newest checkpoint (`lorakit train ... --resume`)."""
+        info = read_launch(self.settings, name)
+        if info is None or not isinstance(info.get("argv"), list):
+            raise LorakitError(f"run {name!r} was not started from this page; resume it with lorakit train CONFIG "
+                               "--resume")
+        if self.is_running(name, info):
+            raise LorakitError(f"run {name!r} is running; stop it before resuming it")
+        for stale in ("returncode", "stopped"):
+            (record_dir(self.settings, name) / stale).unlink(missing_ok=True)
+        return self._spawn(name, [*info["argv"], "--resume"], info)
+
+    def _spawn(self, name: str, argv: list[str], info: dict[str, Any]) -> dict[str, Any]:
+        record = record_dir(self.settings, name)
+        env = dict(os.environ, LORAKIT_PROGRESS="1", PYTHONUNBUFFERED="1")
+        with open(record / "stdout.log", "ab") as out, open(record / "stderr.log", "ab") as err:
+            process = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], cwd=self.settings.root, stdout=out,
+                                       stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        info = info | {"pid": process.pid, "started": info.get("started") or time.time()}
         (record / "launch.json").write_text(json.dumps(info, indent=2))
         with self.lock:
-            self.processes[plan.name] = process
+            self.processes[name] = process
         threading.Thread(target=_wait, args=(process, record), daemon=True).start()
         return info
 

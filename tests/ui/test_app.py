@@ -31,8 +31,11 @@ def client(settings):
 
     from lorakit.ui import create_app
 
-    with TestClient(create_app(settings)) as c:
+    app = create_app(settings)
+    with TestClient(app) as c:
         yield c
+    for name in app.state.launcher.running():  # a test that failed half-way leaves no training behind
+        app.state.launcher.stop(name)
 
 
 def launch(client, name: str, **body):
@@ -143,6 +146,32 @@ def test_a_long_run_can_be_stopped_and_shows_stopped(client):
     wait_for(client, "long", lambda r: r["step"] > 0)
     assert client.post("/api/runs/long/stop").status_code == 200
     assert wait_for(client, "long", lambda r: r["status"] != "running")["status"] == "stopped"
+
+
+def test_a_run_the_page_did_not_start_or_that_runs_is_not_resumed(client, settings):
+    (settings.runs_dir / "cli").mkdir(parents=True)
+    (settings.runs_dir / "cli" / "config.json").write_text("{}")
+    response = client.post("/api/runs/cli/resume")
+    assert response.status_code == 400 and "--resume" in response.json()["errors"][0]
+    assert launch(client, "busy", fields={"optim.max_steps": "100000"}).status_code == 200
+    response = client.post("/api/runs/busy/resume")
+    assert response.status_code == 400 and "stop it before resuming" in response.json()["errors"][0]
+    client.post("/api/runs/busy/stop")
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(client):
+    recipe = tiny_recipe(max_steps=100000)
+    recipe["run"]["save_every"] = 3
+    assert launch(client, "again", recipe=None, yaml=yaml.safe_dump(recipe), filename="long.yaml").status_code == 200
+    wait_for(client, "again", lambda r: r["step"] >= 8)
+    client.post("/api/runs/again/stop")
+    stopped = wait_for(client, "again", lambda r: r["status"] == "stopped")["step"]
+    resumed = client.post("/api/runs/again/resume")
+    assert resumed.status_code == 200 and resumed.json()["argv"][-1] != "--resume"  # the record keeps the launch
+    run = wait_for(client, "again", lambda r: r["status"] == "running" and r["step"] > stopped + 2)
+    client.post("/api/runs/again/stop")
+    steps = [r["step"] for r in run["train"]]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # continued from a checkpoint, not started over
 
 
 def test_a_failed_run_shows_the_clis_one_line_error(client, workdir):

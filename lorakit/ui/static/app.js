@@ -166,6 +166,7 @@ async function refreshWatch() {
   if (run.errors) { $("watch-error").textContent = run.errors.join("; "); return; }
   $("watch-status").textContent = run.status; $("watch-status").className = "badge " + run.status;
   $("stop").classList.toggle("hidden", run.status !== "running");
+  $("resume").classList.toggle("hidden", !run.command || !["stopped", "failed"].includes(run.status));
   $("watch-error").textContent = run.error || "";
   const stats = {step: run.total_steps ? `${run.step} / ${run.total_steps}` : fmt(run.step), loss: fmt(run.loss),
     "tokens/s": run.tokens_per_s ? Math.round(run.tokens_per_s).toLocaleString("en") : "—",
@@ -187,6 +188,12 @@ async function refreshWatch() {
 $("watch-run").addEventListener("change", () => { state.watch = $("watch-run").value; refreshWatch(); });
 $("stop").addEventListener("click", async () => {
   const data = await api(`/api/runs/${encodeURIComponent(state.watch)}/stop`, {});
+  $("watch-error").textContent = (data.errors || []).join("; ");
+  refreshWatch();
+});
+
+$("resume").addEventListener("click", async () => {
+  const data = await api(`/api/runs/${encodeURIComponent(state.watch)}/resume`, {});
   $("watch-error").textContent = (data.errors || []).join("; ");
   refreshWatch();
 });
