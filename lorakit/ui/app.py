@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from lorakit.errors import LorakitError
 from lorakit.ui import runs, tryout
 from lorakit.ui.launcher import Launcher
-from lorakit.ui.security import UiSettings, check_run_name, confined, token_ok
+from lorakit.ui.security import UiSettings, check_run_name, confined, host_ok, token_ok
 from lorakit.ui.validation import FORM_KEYS, LaunchProblems, check_launch, form_fields, read_request_yaml, recipe_names
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,16 @@ def create_app(settings: UiSettings) -> FastAPI:
     app = FastAPI(title="lorakit ui", docs_url=None, redoc_url=None, openapi_url=None)
     launcher = Launcher(settings)
     cache = tryout.ModelCache()
+    launch_lock = threading.Lock()
     app.state.settings, app.state.launcher, app.state.cache = settings, launcher, cache
 
     @app.middleware("http")
     async def check_token(request: Request, call_next: Any) -> Response:
+        if not host_ok(settings, request.headers.get("host", "")):
+            return _errors(421, [f"this page answers as {settings.host}:{settings.port} only (Host header "
+                                 f"{request.headers.get('host')!r}); open it at that address"])
+        if request.method == "POST" and not request.headers.get("content-type", "").startswith("application/json"):
+            return _errors(415, ["the API takes JSON bodies (Content-Type: application/json)"])
         if request.url.path.startswith("/api/"):
             auth = request.headers.get("authorization", "")
             given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
@@ -120,8 +127,11 @@ def create_app(settings: UiSettings) -> FastAPI:
     @app.post("/api/runs")
     async def launch(request: Request) -> dict[str, Any]:
         body = await read_json(request, settings.max_upload_bytes)
-        plan = await run_in_threadpool(check_launch, settings, body, launcher.running())
-        return launcher.start(plan)
+        return await run_in_threadpool(_launch, body)
+
+    def _launch(body: dict[str, Any]) -> dict[str, Any]:
+        with launch_lock:  # two requests for one name: the second sees the first's run
+            return launcher.start(check_launch(settings, body, launcher.running()))
 
     @app.get("/api/runs")
     def list_runs() -> dict[str, Any]:

@@ -57,11 +57,7 @@ class UiSettings:
 
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen beyond this machine without a token."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not token:
+    if not _loopback(host) and not token:
         raise LorakitError(f"--host {host} lets other machines start runs on this one; give --token-file FILE "
                            "(a file holding a secret) too, or keep the default --host 127.0.0.1")
 
@@ -79,6 +75,23 @@ def read_token_file(path: str | Path) -> str:
 
 def token_ok(expected: str | None, given: str | None) -> bool:
     return expected is None or (given is not None and hmac.compare_digest(expected.encode(), given.encode()))
+
+
+def host_ok(settings: UiSettings, header: str) -> bool:
+    """Whether a request's Host header names this server. Bound to a loopback address without a token, the page
+    answers only to loopback names: a web page elsewhere that rebinds its own name to 127.0.0.1 (DNS rebinding)
+    is refused. With a token or another address, the token guards instead."""
+    if settings.token is not None or not _loopback(settings.host):
+        return True
+    name = header.rsplit(":", 1)[0] if not header.endswith("]") else header
+    return name.strip("[]") in {"127.0.0.1", "localhost", "::1", settings.host}
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_run_name(name: object) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,28 @@ def check_launch(settings: UiSettings, body: dict[str, Any], taken: set[str]) ->
             config = load_train_config(path, overrides)
         except ConfigError as e:
             problems += [p.replace(f"{tmp}/", "") for p in e.problems]
+    if config is not None and not problems:
+        problems += _preflight_problems(config)
     if problems or config is None:
         raise LaunchProblems(problems)
     return LaunchPlan(str(name), out_dir, config, overrides, recipe=recipe,
                       upload_name=None if recipe else shown, upload_text=None if recipe else text, fields=fields)
+
+
+def _preflight_problems(config: TrainConfig) -> list[str]:
+    """What `lorakit train` would refuse before loading the model: missing data files, an unwritable out_dir."""
+    from lorakit.errors import LorakitError
+    from lorakit.train.preflight import check_data_files, check_output_dir
+
+    problems = []
+    checks: list[Callable[[], None]] = [lambda: check_data_files(config.data),
+                                        lambda: check_output_dir(config.run.out_dir)]
+    for check in checks:
+        try:
+            check()
+        except LorakitError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _out_dir_problems(settings: UiSettings, name: str, out_dir: Path, taken: set[str]) -> list[str]:

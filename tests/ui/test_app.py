@@ -32,7 +32,7 @@ def client(settings):
     from lorakit.ui import create_app
 
     app = create_app(settings)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1:7860") as c:
         yield c
     for name in app.state.launcher.running():  # a test that failed half-way leaves no training behind
         app.state.launcher.stop(name)
@@ -114,10 +114,27 @@ def test_a_request_without_the_token_is_refused(settings):
     from lorakit.ui import create_app
 
     settings.token = "s3cret"
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:7860") as c:
         assert c.get("/api/info").status_code == 401
         assert c.get("/api/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/").status_code == 200  # the page itself holds nothing secret
+
+
+def test_another_host_name_is_refused_so_a_rebound_web_page_cannot_reach_the_api(client):
+    assert client.get("/api/info", headers={"Host": "evil.example:7860"}).status_code == 421
+    assert client.get("/api/info", headers={"Host": "localhost:7860"}).status_code == 200
+
+
+def test_a_post_that_is_not_json_is_refused_so_a_cross_site_form_cannot_launch(client, workdir):
+    response = client.post("/api/runs", content='{"recipe": "tiny.yaml", "name": "x"}',
+                           headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and not (workdir / "runs" / "x").exists()
+
+
+def test_a_missing_data_file_is_reported_before_the_launch(client, workdir):
+    response = client.post("/api/check", json={"recipe": "tiny.yaml", "name": "a",
+                                               "fields": {"data.eval": "data/nothing.tsv"}})
+    assert response.status_code == 422 and "data/nothing.tsv" in response.json()["errors"][0]
 
 
 def test_a_figure_outside_the_runs_directory_is_not_served(client, workdir):
@@ -144,19 +161,19 @@ def test_a_long_run_can_be_stopped_and_shows_stopped(client):
     taken = launch(client, "long")
     assert taken.status_code == 422 and "two runs cannot share" in taken.json()["errors"][0]
     wait_for(client, "long", lambda r: r["step"] > 0)
-    assert client.post("/api/runs/long/stop").status_code == 200
+    assert client.post("/api/runs/long/stop", json={}).status_code == 200
     assert wait_for(client, "long", lambda r: r["status"] != "running")["status"] == "stopped"
 
 
 def test_a_run_the_page_did_not_start_or_that_runs_is_not_resumed(client, settings):
     (settings.runs_dir / "cli").mkdir(parents=True)
     (settings.runs_dir / "cli" / "config.json").write_text("{}")
-    response = client.post("/api/runs/cli/resume")
+    response = client.post("/api/runs/cli/resume", json={})
     assert response.status_code == 400 and "--resume" in response.json()["errors"][0]
     assert launch(client, "busy", fields={"optim.max_steps": "100000"}).status_code == 200
-    response = client.post("/api/runs/busy/resume")
+    response = client.post("/api/runs/busy/resume", json={})
     assert response.status_code == 400 and "stop it before resuming" in response.json()["errors"][0]
-    client.post("/api/runs/busy/stop")
+    client.post("/api/runs/busy/stop", json={})
 
 
 def test_a_stopped_run_resumes_from_its_checkpoint(client):
@@ -164,12 +181,12 @@ def test_a_stopped_run_resumes_from_its_checkpoint(client):
     recipe["run"]["save_every"] = 3
     assert launch(client, "again", recipe=None, yaml=yaml.safe_dump(recipe), filename="long.yaml").status_code == 200
     wait_for(client, "again", lambda r: r["step"] >= 8)
-    client.post("/api/runs/again/stop")
+    client.post("/api/runs/again/stop", json={})
     stopped = wait_for(client, "again", lambda r: r["status"] == "stopped")["step"]
-    resumed = client.post("/api/runs/again/resume")
+    resumed = client.post("/api/runs/again/resume", json={})
     assert resumed.status_code == 200 and resumed.json()["argv"][-1] != "--resume"  # the record keeps the launch
     run = wait_for(client, "again", lambda r: r["status"] == "running" and r["step"] > stopped + 2)
-    client.post("/api/runs/again/stop")
+    client.post("/api/runs/again/stop", json={})
     steps = [r["step"] for r in run["train"]]
     assert steps == sorted(set(steps)) and steps[0] == 1  # continued from a checkpoint, not started over
 
