@@ -120,7 +120,6 @@ def test_a_run_started_from_the_form_draws_its_loss_curve_and_appears_in_the_tab
     assert cells[cells.index("accuracy") + 1] != "—"
     row.locator("input[type=checkbox]").check()
     page.wait_for_function("Number(document.querySelector('#overlay-plot').dataset.points || 0) > 0")
-    page.screenshot(path=shots / "ui-compare.png", full_page=True)
 
 
 def test_a_bad_rank_shows_the_clis_message_inline_before_anything_starts(page, server, shots):
@@ -154,6 +153,19 @@ def test_a_second_run_stops_from_the_page_and_the_api_answers_within_200ms_while
     assert figures["p90_ms"] < LATENCY_LIMIT_MS, figures
     page.click("#stop")
     page.wait_for_selector("#watch-status.stopped")
+    page.wait_for_selector("#resume:not(.hidden)")
+    page.click("nav button[data-view='compare']")
+    for name in ("first", "long"):
+        page.locator("#runs-table tr", has_text=name).locator("input[type=checkbox]").check()
+    names = "Array.from(document.querySelectorAll('#runs-table tr td:nth-child(2)')).map(td => td.textContent)"
+    page.click("#runs-table th[data-key='step']")
+    page.wait_for_selector("#runs-table th.sorted.asc")
+    ascending = page.evaluate(names)
+    page.click("#runs-table th[data-key='step']")
+    page.wait_for_selector("#runs-table th.sorted:not(.asc)")
+    assert page.evaluate(names) == ascending[::-1] and sorted(ascending) == ["first", "long"]
+    page.wait_for_function("document.querySelector('#overlay-plot').dataset.series === '2'")
+    page.screenshot(path=shots / "ui-compare.png", full_page=True)
 
 
 def test_base_and_adapter_give_different_answers_in_the_try_view(page, server, shots):

@@ -130,6 +130,7 @@ function plot(canvas, series, {logY = false} = {}) {
   const points = series.flatMap((s) => s.points).filter(([, y]) => Number.isFinite(y));
   ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#6b7385";
   canvas.dataset.points = String(points.length);
+  canvas.dataset.series = String(series.length);
   if (!points.length) { ctx.fillText("no points yet", 10, 20); return; }
   const tr = (y) => (logY && y > 0 ? Math.log10(y) : y);
   const xs = points.map((p) => p[0]), ys = points.map((p) => tr(p[1]));
