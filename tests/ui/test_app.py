@@ -156,15 +156,6 @@ def test_a_run_trains_to_the_table_and_a_second_into_its_directory_is_refused(cl
     assert again.status_code == 422 and "already holds a run" in again.json()["errors"][0]
 
 
-def test_a_long_run_can_be_stopped_and_shows_stopped(client):
-    assert launch(client, "long", fields={"optim.max_steps": "100000"}).status_code == 200
-    taken = launch(client, "long")
-    assert taken.status_code == 422 and "two runs cannot share" in taken.json()["errors"][0]
-    wait_for(client, "long", lambda r: r["step"] > 0)
-    assert client.post("/api/runs/long/stop", json={}).status_code == 200
-    assert wait_for(client, "long", lambda r: r["status"] != "running")["status"] == "stopped"
-
-
 def test_a_run_the_page_did_not_start_or_that_runs_is_not_resumed(client, settings):
     (settings.runs_dir / "cli").mkdir(parents=True)
     (settings.runs_dir / "cli" / "config.json").write_text("{}")
@@ -176,10 +167,12 @@ def test_a_run_the_page_did_not_start_or_that_runs_is_not_resumed(client, settin
     client.post("/api/runs/busy/stop", json={})
 
 
-def test_a_stopped_run_resumes_from_its_checkpoint(client):
+def test_a_running_run_stops_then_resumes_from_its_checkpoint(client):
     recipe = tiny_recipe(max_steps=100000)
     recipe["run"]["save_every"] = 3
     assert launch(client, "again", recipe=None, yaml=yaml.safe_dump(recipe), filename="long.yaml").status_code == 200
+    taken = launch(client, "again")
+    assert taken.status_code == 422 and "two runs cannot share" in taken.json()["errors"][0]
     wait_for(client, "again", lambda r: r["step"] >= 8)
     client.post("/api/runs/again/stop", json={})
     stopped = wait_for(client, "again", lambda r: r["status"] == "stopped")["step"]
