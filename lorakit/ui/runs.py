@@ -14,6 +14,7 @@ from lorakit.ui.launcher import RECORDS, Launcher, read_launch, record_dir
 from lorakit.ui.security import UiSettings
 
 FIGURES = (".png", ".svg")
+MAX_POINTS = 2000  # per curve sent to the page
 _TQDM_TOTAL = re.compile(rb"train:.*?\|\s*(\d+)/(\d+)")
 
 
@@ -139,13 +140,21 @@ def run_detail(settings: UiSettings, launcher: Launcher, name: str) -> dict[str,
         left = max(0.0, elapsed / max(step, 1) * (total - step))
     figures = sorted(settings.shown(p) for p in out.rglob("*") if p.suffix in FIGURES) if out.is_dir() else []
     return row | {
-        "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "elapsed_s")} for r in train],
+        "train": [{k: r.get(k) for k in ("step", "loss", "lr", "tokens_per_s", "elapsed_s")} for r in thin(train)],
         "evals": evals, "total_steps": total, "seconds_left": left,
         "tokens_per_s": train[-1].get("tokens_per_s") if train else None,
         "error": error_line(settings, name) if row["status"] == "failed" else None,
         "command": info.get("command"), "resume": info.get("resume"), "out_dir": settings.shown(out),
         "figures": figures, "since_start": time.time() - info["started"] if info.get("started") else None,
     }
+
+
+def thin(rows: list[dict[str, Any]], most: int = MAX_POINTS) -> list[dict[str, Any]]:
+    """At most about `most` rows, evenly spaced, always with the last (a curve the page can draw every second)."""
+    if len(rows) <= most:
+        return rows
+    every = -(-len(rows) // most)
+    return rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
 
 
 def sweeps(settings: UiSettings) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import pytest
 from ui_helpers import make_workdir, page_settings
 
 from lorakit.ui.launcher import Launcher
-from lorakit.ui.runs import run_names, run_row, sweeps
+from lorakit.ui.runs import run_names, run_row, sweeps, thin
 
 
 @pytest.fixture
@@ -55,3 +55,10 @@ def test_sweep_tables_and_analysis_figures_under_the_runs_directory_are_found(se
     found = sweeps(settings)
     assert found == [{"kind": "sweep", "dir": "runs/sst2/sweep", "text": "| rank | accuracy |\n",
                       "figures": ["runs/sst2/sweep/pareto.png"]}]
+
+
+def test_a_long_curve_is_thinned_evenly_and_keeps_its_last_point():
+    rows = [{"step": i} for i in range(1, 10_002)]
+    kept = thin(rows, most=1000)
+    assert len(kept) <= 1001 and kept[0]["step"] == 1 and kept[-1]["step"] == 10_001
+    assert thin(rows[:5], most=1000) == rows[:5]
