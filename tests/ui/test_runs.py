@@ -23,11 +23,11 @@ def settings(workdir):
     return page_settings(workdir)
 
 
-def write_run(settings, name: str, task: str, rows: list[dict]) -> None:
+def write_run(settings, name: str, task: str, rows: list[dict], **lora) -> None:
     out = settings.runs_dir / name
     (out / "adapter").mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"data": {"task": task}, "model": {"name": "minilm"},
-                                                 "lora": {"rank": 8}, "run": {"method": "lora"}}))
+                                                 "lora": {"rank": 8, **lora}, "run": {"method": "lora"}}))
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
 
 
@@ -38,6 +38,14 @@ def test_a_run_from_the_cli_shows_its_tasks_metric_from_its_last_evaluation(sett
     row = run_row(settings, Launcher(settings), "ner")
     assert (row["status"], row["task"], row["rank"], row["metric"], row["value"]) == ("finished", "ner", 8, "f1", 0.5)
     assert (row["step"], row["loss"], row["seconds"]) == (2, 1.0, 2.0)  # the half-written last line is skipped
+
+
+def test_the_method_column_names_dora_and_principal_runs_as_the_results_table_does(settings):
+    write_run(settings, "plain", "ner", [])
+    write_run(settings, "dora", "ner", [], dora=True)
+    write_run(settings, "pissa", "ner", [], init="principal")
+    methods = [run_row(settings, Launcher(settings), name)["method"] for name in ("plain", "dora", "pissa")]
+    assert methods == ["lora", "dora", "lora-principal"]
 
 
 def test_the_page_lists_run_directories_but_not_its_own_records_or_other_folders(settings):
