@@ -192,6 +192,43 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    adapters = parse_serve_adapters(args.adapter)
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise LorakitError(f"lorakit serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing); "
+                           "install the serve extra: pip install 'lorakit[serve]'") from None
+    from lorakit.serve.app import create_app
+    from lorakit.serve.command import check_serve_args, serve_settings
+
+    settings = serve_settings(args.model, adapters, adapter_dir=args.adapter_dir, host=args.host, port=args.port,
+                              api_key_file=args.api_key_file, max_batch_size=args.max_batch_size,
+                              max_loaded_adapters=args.max_loaded_adapters)
+    check_serve_args(settings)  # the port, the bind address: before the model loads
+    app = create_app(settings)
+    names = ", ".join([settings.model, *settings.adapters])
+    print(f"lorakit serve on http://{args.host}:{args.port}/v1 (models: {names}); Ctrl-C stops it", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def parse_serve_adapters(items: list[str]) -> dict[str, Path]:
+    """`NAME=ADAPTER_DIR` arguments as {name: directory}; raises LorakitError naming the argument."""
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise LorakitError(f"--adapter {item!r} needs a name and a directory: NAME=ADAPTER_DIR, e.g. "
+                               "sql=runs/sql/adapter (the name is what clients send as `model`)")
+        if name in adapters:
+            raise LorakitError(f"adapter name {name!r} is given twice; give each adapter its own name")
+        adapters[name] = Path(path)
+    return adapters
+
+
 def parse_combine_adapters(items: list[str]) -> dict[str, tuple[str | Path, float]]:
     """`NAME=ADAPTER_DIR[:WEIGHT]` arguments as combine's {name: (adapter_dir, weight)}; the weight defaults to 1.0
     and is the text after the last ':'. Raises LorakitError naming the argument and the expected form."""
@@ -242,6 +279,8 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                 "adapter", cmd_combine),
     "export": ("write a model (with an adapter merged) or an adapter alone as a GGUF file for llama.cpp and "
                "Ollama", cmd_export),
+    "serve": ("an OpenAI-compatible server of a base and many adapters, each request on its own adapter in one "
+              "continuously batched decode (127.0.0.1:8000 by default; the serve extra)", cmd_serve),
     "ui": ("serve a web page to start, watch, compare and try runs (127.0.0.1:7860 by default; the ui extra)",
            cmd_ui),
 }
@@ -343,6 +382,21 @@ def add_tool_flags(parsers: Mapping[str, argparse.ArgumentParser]) -> None:
                      "or q8_0 (8-bit blocks of 32, about half the size)")
     exp.add_argument("--force", action="store_true", help="replace an earlier GGUF file at --out")
     exp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    srv = parsers["serve"]
+    srv.add_argument("--model", help="the base: a bundled name, model directory or hub id (default: the base the "
+                     "first adapter records)")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve under "
+                     "NAME (clients send it as `model`); repeatable")
+    srv.add_argument("--adapter-dir", metavar="DIR", help="the directory /v1/load_lora_adapter may load adapters "
+                     "from at runtime (default: no runtime loading)")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                     "only; any other needs --api-key-file)")
+    srv.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
+    srv.add_argument("--api-key-file", metavar="FILE", help="a file holding the key every request but /health must "
+                     "send as 'Authorization: Bearer KEY'")
+    srv.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (default 32)")
+    srv.add_argument("--max-loaded-adapters", type=int, default=16, help="adapters held in memory; loading one more "
+                     "evicts the least recently used (default 16)")
     ui = parsers["ui"]
     ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
                     "only; any other needs --token-file)")
