@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from lorakit import dora
+from lorakit import dora, quant
 from lorakit import init as lora_init
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
@@ -84,6 +84,10 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
         if config.init == "principal" and isinstance(modules[name], nn.Embedding):
             problems.append(f"init 'principal' is for weight matrices of linear and conv layers; {name!r} is an "
                             "Embedding (exclude it or use init 'standard')")
+        if config.dora and quant.is_quantized(getattr(modules[name], "weight", None)):
+            kind = quant.kind_of(modules[name].weight)
+            problems.append(f"dora over a quantized base is not supported yet; {name!r} is {kind} (set dora false "
+                            "or load the base without quantize)")
         if config.dora and not isinstance(modules[name], DORA_TYPES):
             problems.append(f"dora applies to linear and convolution layers; {name!r} is an "
                             f"{type(modules[name]).__name__} (exclude it from the targets or set dora false)")
@@ -95,6 +99,9 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
 def fan_in_out(module: nn.Module) -> tuple[int, int]:
     """(fan_in, fan_out) of an adaptable module, in the ΔW = B @ A layout."""
     w: Tensor = module.weight  # type: ignore[assignment]
+    if quant.is_quantized(w):
+        fan_out, fan_in = quant.shape(w)
+        return fan_in, fan_out
     if isinstance(module, nn.Linear):
         return w.shape[1], w.shape[0]
     if isinstance(module, nn.Embedding):
@@ -210,7 +217,10 @@ def subtract_principal(module: LoraModule, a: Tensor, b: Tensor) -> None:
     with torch.no_grad():
         matrix = module.weight_matrix()  # (fan_out, fan_in)
         a, b = a.to(matrix.device), b.to(matrix.device)
-        if matrix.dtype == torch.float32 and matrix.data_ptr() == module.weight.data_ptr():
+        kind = quant.kind_of(module.weight)
+        if kind is not None:  # the residual of the dequantized weight, stored quantized again
+            module.weight = quant.quantize_weight(lora_init.residual(matrix, a, b, module.scaling), kind)
+        elif matrix.dtype == torch.float32 and matrix.data_ptr() == module.weight.data_ptr():
             matrix.addmm_(b, a, alpha=-module.scaling)
         else:
             module.weight.copy_(module.matrix_to_weight(lora_init.residual(matrix, a, b, module.scaling)))

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from lorakit import quant
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.factorized import factorized_layout
@@ -47,12 +48,19 @@ FORMAT_VERSION = "1"
 # The header field naming the factorised layout of the base an adapter was trained on (`factorized_layout`); absent
 # for an adapter of a plain model.
 FACTORIZATION_KEY = "lorakit_factorization"
+QUANTIZATION_KEY = "lorakit_quantization"  # the base's quantization (nf4, int8) when the adapter was trained on one
 
 def fingerprint(model: nn.Module, targets: list[str]) -> str:
     """A short hash of the target modules' names and base weight shapes: what an adapter must fit."""
     modules = dict(model.named_modules())
-    text = "\n".join(f"{n}:{tuple(modules[n].weight.shape)}" for n in sorted(targets))
+    text = "\n".join(f"{n}:{_logical_shape(modules[n].weight)}" for n in sorted(targets))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _logical_shape(weight: Tensor) -> tuple[int, ...]:
+    """The shape a weight stands for: a quantized base's matrix shape, so an adapter fits the dense and the
+    quantized forms of one base alike."""
+    return quant.shape(weight) if quant.is_quantized(weight) else tuple(weight.shape)
 
 
 def adapter_checksum(tensors: dict[str, Tensor]) -> str:
@@ -96,6 +104,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
     layout = factorized_layout(model)
     if layout:
         metadata[FACTORIZATION_KEY] = layout
+    kind = quant.model_quantization(model)
+    if kind:  # informational: the adapter loads on the dense or the quantized base alike
+        metadata[QUANTIZATION_KEY] = kind
     peft_json = peft_config(model, config, base, doubled=convert_principal)
     principal = None
     if config.init == "principal" and not convert_principal:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit import dora as dora_math
+from lorakit import quant
 from lorakit.errors import MergeStateError
 from lorakit.fused import lora_linear
 
@@ -98,18 +99,24 @@ class LoraLinear(nn.Module):
         self.weight: nn.Parameter = base.weight  # type: ignore[assignment]
         self.bias: nn.Parameter | None = base.bias  # type: ignore[assignment]
         self.fan_in_fan_out = fan_in_fan_out
-        fan_in, fan_out = (self.weight.shape if fan_in_fan_out else self.weight.shape[::-1])
+        # A bitsandbytes weight (NF4 / int8) stays in its stored form; every read goes through `lorakit.quant`.
+        self.quantized = quant.is_quantized(self.weight)
+        shape = quant.shape(self.weight) if self.quantized else tuple(self.weight.shape)
+        fan_in, fan_out = (shape if fan_in_fan_out else shape[::-1])
         self.in_features, self.out_features = int(fan_in), int(fan_out)
         self.rank, self.alpha, self.scaling, self.strength, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._no_dropout = dropout == 0
-        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factor_dtype = _compute_dtype(base) if self.quantized else self.weight.dtype
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": factor_dtype}
         self.lora_A = _zero_linear(self.in_features, rank, factory)
         self.lora_B = _zero_linear(rank, self.out_features, factory)
         self.dora = dora
         _add_magnitude(self, self.out_features, dora, factory)
 
     def base_forward(self, x: Tensor) -> Tensor:
+        if self.quantized:
+            return quant.linear(x, self.weight, self.bias)
         if not self.fan_in_fan_out:
             return F.linear(x, self.weight, self.bias)
         # Same arithmetic as transformers' Conv1D, so outputs match the unadapted model bit for bit.
@@ -135,12 +142,12 @@ class LoraLinear(nn.Module):
             return dora_math.linear_forward(self, x, scaling)
         weight, a, b = self.weight, self.lora_A.weight, self.lora_B.weight
         # Every attribute read here costs: a decoding step runs this 200 times for one token.
-        if (not self.fan_in_fan_out and (self._no_dropout or not self.training) and x.dtype == weight.dtype == a.dtype
-                == b.dtype and not torch.is_autocast_enabled(x.device.type)):
+        if (not self.quantized and not self.fan_in_fan_out and (self._no_dropout or not self.training)
+                and x.dtype == weight.dtype == a.dtype == b.dtype and not torch.is_autocast_enabled(x.device.type)):
             return lora_linear(x, weight, self.bias, a, b, scaling)
         out = self.base_forward(x)
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., rank)
-        if out.dtype != b.dtype:  # a low-precision base under fp32 factors
+        if out.dtype != b.dtype or self.quantized:  # a low-precision base under fp32 factors
             return out + (F.linear(h, b) * scaling).to(out.dtype)
         # out + scaling * h @ B.T as one addmm: no (..., out) temporaries for the product and its scaled copy.
         flat = torch.addmm(out.reshape(-1, self.out_features), h.reshape(-1, self.rank), b.T, alpha=scaling)
@@ -155,6 +162,9 @@ class LoraLinear(nn.Module):
             self.lora_B.weight.copy_(b)
 
     def weight_matrix(self) -> Tensor:
+        """For a quantized base, a fresh dequantized (out, in) copy in the factors' dtype (never cached)."""
+        if self.quantized:
+            return quant.dequantize(self.weight, self.lora_A.weight.dtype)
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def matrix_to_weight(self, matrix: Tensor) -> Tensor:
@@ -276,6 +286,15 @@ class LoraConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a bitsandbytes layer computes in (its bias's, else `compute_dtype`, else fp32)."""
+    bias = getattr(base, "bias", None)
+    if isinstance(bias, Tensor) and bias.dtype.is_floating_point:
+        return bias.dtype
+    dtype = getattr(base, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _magnitude(module: nn.Module) -> list[nn.Parameter]:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lorakit import dora
+from lorakit import dora, quant
 from lorakit.errors import LorakitError, MergeStateError
 from lorakit.inject import adapter_state
 from lorakit.layers import LoraModule, lora_modules
@@ -50,6 +50,7 @@ def merge(model: nn.Module) -> None:
     twice) and `LorakitError` if any ΔW is not finite; in both cases no weight changes."""
     if is_merged(model):
         raise MergeStateError("adapters are already merged; merging twice would add ΔW twice (unmerge first)")
+    _refuse_quantized(model)
     deltas = _deltas(model)
     for _, module, _ in deltas:  # DoRA's norms of the unmerged weights, which unmerge needs to recover W
         if dora.is_dora(module):
@@ -70,6 +71,14 @@ def unmerge(model: nn.Module) -> None:
             module.merged_norms = None  # type: ignore[attr-defined]
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    quantized = [name for name, m in lora_modules(model) if quant.is_quantized(m.weight)]
+    if quantized:
+        raise LorakitError(f"the base of {quantized[0]!r} is quantized, so ΔW cannot be added to it in place; "
+                           "choose a merge path with lorakit.merge_quantized(model, path=...) (dequantized, "
+                           "requantized or original)")
+
+
 def _add_(weight: nn.Parameter, delta: Tensor) -> None:
     with torch.no_grad():
         weight.copy_((weight.float() + delta).to(weight.dtype))
@@ -78,6 +87,7 @@ def _add_(weight: nn.Parameter, delta: Tensor) -> None:
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """A plain state dict of the model with every ΔW folded in and no lorakit keys: the keys and shapes of the
     original base model, loadable by plain `transformers`. The model itself is left unchanged."""
+    _refuse_quantized(model)
     deltas = {} if is_merged(model) else {name: delta for name, _, delta in _deltas(model)}
     lora_names = {name for name, _ in lora_modules(model)}
     out: dict[str, Tensor] = {}

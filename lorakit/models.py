@@ -39,6 +39,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from lorakit import quant
 from lorakit.errors import LorakitError, did_you_mean
 from lorakit.fileio import atomic_write_dir
 from lorakit.progress import stage
@@ -77,7 +78,8 @@ _HEAD_SUFFIXES: dict[str, str] = {
 
 
 def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None = None,
-               dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
+               dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None,
+               quantize: str | None = None, compute_dtype: torch.dtype | None = None
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a base model and its tokenizer, in eval mode and in `dtype`.
 
@@ -91,6 +93,9 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
     num_labels: classifier outputs, for the two classification heads only (default: the config's).
     cache_dir: root of the SmolLM2 conversion cache (default `$LORAKIT_CACHE`, else `~/.cache/lorakit`); the
         converted model lives in its `smollm2-135m-instruct/` subdirectory.
+    quantize: `nf4` or `int8` stores the linear layers of the transformer blocks through bitsandbytes (QLoRA's
+        frozen base; see `lorakit.quant`); embeddings, norms and task heads stay dense in `dtype`. None: dense.
+    compute_dtype: the dtype a quantized weight is dequantized to for its matmuls (default: `dtype`).
 
     `model.config._name_or_path` is set to the short name for bundled models and to `name_or_path` otherwise,
     so adapters saved from the model record a base that `load_model` can load again. A causal LM's tokenizer
@@ -100,6 +105,9 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
     is not a model directory, or a hub id that cannot be fetched.
     """
     _check_arguments(head, num_labels, dtype)
+    if quantize is not None:  # checked before the (slow) load: an unknown kind or a missing bitsandbytes
+        quant.check_kind(quantize)
+        quant.bnb()
     if name_or_path in BUNDLED_MODELS:
         source = _bundled_dir(name_or_path, cache_dir)
         local = True
@@ -133,6 +141,8 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification on a decoder needs it
     model.config._name_or_path = name_or_path
     model.name_or_path = name_or_path
+    if quantize is not None:
+        quant.quantize_model(model, quantize, compute_dtype or dtype)
     model.eval()
     return model, tokenizer
 

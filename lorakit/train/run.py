@@ -162,7 +162,7 @@ def prepare(config: TrainConfig) -> Prepared:
     if hasattr(task, "fit_labels"):
         num_labels = len(task.fit_labels(train_records))
     model, _ = load_model(config.model.name, head=HEAD_FOR_TASK[config.data.task], num_labels=num_labels,
-                          dtype=getattr(torch, config.model.dtype))
+                          dtype=getattr(torch, config.model.dtype), quantize=config.model.quantize)
     check_max_length(config.data.max_length, model.config, config.model.name)
     train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
     if hasattr(task, "init_head"):  # a new classifier head starts at the label prior of the training data

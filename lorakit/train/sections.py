@@ -21,10 +21,14 @@ class ModelSection:
 
     name: `smollm2` or `minilm` (the bundled models), a local model directory or a Hugging Face hub id.
     dtype: the dtype the base model's weights are loaded in.
+    quantize: `nf4` or `int8` stores the linear layers of the transformer blocks quantized through bitsandbytes
+        (QLoRA; `pip install 'lorakit[quant]'`), dequantized to `dtype` for each matmul; embeddings, norms and
+        task heads stay dense. null: a dense base.
     """
 
     name: str = "smollm2"
     dtype: str = "float32"
+    quantize: str | None = None
 
 
 @dataclass
@@ -228,6 +232,7 @@ SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "l
                                    "distill": DistillSection}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantize": ("nf4", "int8"),
     "data.task": ("classification", "instruction", "ner", "qa", "translation"),
     "data.format": tuple(FORMATS),
     "lora.init": INIT_METHODS,

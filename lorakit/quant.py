@@ -1,0 +1,203 @@
+"""A quantized base weight as a weight type: NF4 (with double quantization of its constants) and int8 (LLM.int8
+style, one absmax per output row), stored by bitsandbytes.
+
+This is the only module that imports bitsandbytes, and only when a model is quantized; a dense model never
+touches it. A quantized weight is bitsandbytes' own parameter (`Params4bit` / `Int8Params`) adopted by the LoRA
+module like a dense one; everything that reads it goes through `dequantize` (on demand, never cached) and
+`linear` (whose backward dequantizes again instead of keeping an fp32 copy alive until the backward pass).
+QLoRA (Dettmers et al., 2023, §3): a frozen NF4 base with block-wise absmax constants (block 64), themselves
+quantized to 8 bits in blocks of 256 (double quantization), and fp32 (or bf16) LoRA factors.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.errors import LorakitError
+
+KINDS = ("nf4", "int8")
+INSTALL_HINT = "pip install 'lorakit[quant]'"
+NF4_BLOCK = 64  # QLoRA's block size for the NF4 constants
+
+
+def bnb() -> Any:
+    """The bitsandbytes module; raises `LorakitError` naming the extra to install when it is missing."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise LorakitError(f"quantizing a model needs bitsandbytes, which is not installed ({INSTALL_HINT})") from exc
+    return bitsandbytes
+
+
+def check_kind(kind: object) -> str:
+    """`kind` if it names a supported quantization, else a `LorakitError` listing them."""
+    if kind not in KINDS:
+        raise LorakitError(f"unknown quantization {kind!r}; expected one of {', '.join(KINDS)} (or none)")
+    return str(kind)
+
+
+def kind_of(weight: object) -> str | None:
+    """'nf4' or 'int8' for a bitsandbytes-quantized weight, None for a dense one (without importing
+    bitsandbytes: nothing is quantized while it is not loaded)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    if getattr(weight, "quant_state", None) is not None:
+        return str(weight.quant_state.quant_type)  # type: ignore[attr-defined]
+    if getattr(weight, "SCB", None) is not None and not getattr(weight, "has_fp16_weights", True):
+        return "int8"
+    return None
+
+
+def is_quantized(weight: object) -> bool:
+    return kind_of(weight) is not None
+
+
+def shape(weight: Tensor) -> tuple[int, int]:
+    """The (out, in) shape of the matrix a weight stands for (NF4 stores it packed, two values per byte)."""
+    if getattr(weight, "quant_state", None) is not None:
+        out, fan_in = weight.quant_state.shape  # type: ignore[attr-defined]
+        return int(out), int(fan_in)
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def dequantize(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out, in) matrix a quantized weight stands for, freshly computed in `dtype` (a dense weight is
+    returned as it is). The int8 formula is bitsandbytes' own: W ≈ CB · SCB / 127 per output row."""
+    kind = kind_of(weight)
+    if kind is None:
+        return weight
+    with torch.no_grad():
+        if kind == "int8":
+            scb: Tensor = weight.SCB  # type: ignore[attr-defined]
+            return (weight.data.float() * (scb.float()[:, None] / 127.0)).to(dtype)
+        matrix: Tensor = bnb().functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[attr-defined]
+        return matrix.to(dtype)
+
+
+def quantize_weight(matrix: Tensor, kind: str) -> nn.Parameter:
+    """A frozen bitsandbytes parameter holding `matrix` (out, in) quantized as `kind` (on the CPU)."""
+    check_kind(kind)
+    lib = bnb()
+    data = matrix.detach().to(torch.float32).contiguous().clone()
+    param: nn.Parameter
+    if kind == "nf4":
+        param = lib.nn.Params4bit(data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                  blocksize=NF4_BLOCK)
+    else:
+        param = lib.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    quantized = cast(nn.Parameter, param.to(matrix.device))  # bitsandbytes quantizes on .to()
+    return quantized
+
+
+def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A bitsandbytes `Linear4bit` (NF4, double quantization) or `Linear8bitLt` with `linear`'s weight quantized
+    and its bias kept dense."""
+    lib = bnb()
+    bias = linear.bias is not None
+    module: nn.Module
+    if kind == "nf4":
+        module = lib.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+                                   compress_statistics=True, quant_type="nf4", device="meta")
+    else:
+        module = lib.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                     device="meta")
+    module.weight = quantize_weight(linear.weight.data.to("cpu") if linear.weight.device.type != "cpu"
+                                    else linear.weight.data, kind)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=linear.bias.requires_grad)
+    return module
+
+
+def stored_bytes(weight: Tensor) -> int:
+    """Bytes a weight occupies, quantization constants included (for NF4: the packed codes, the 8-bit absmax per
+    block of 64, and the second level's fp32 absmax per 256 blocks, code table and offset)."""
+    kind = kind_of(weight)
+    if kind is None:
+        return weight.numel() * weight.element_size()
+    if kind == "int8":
+        scb: Tensor = weight.SCB  # type: ignore[attr-defined]
+        return weight.numel() * weight.element_size() + scb.numel() * scb.element_size()
+    state = weight.quant_state  # type: ignore[attr-defined]
+    tensors = [weight.data, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _QuantLinear(torch.autograd.Function):
+    """x Wᵀ + b with W dequantized in forward and again in backward: the only saved tensor is the input (the
+    stored weight is referenced, not copied), so a step never holds an fp32 copy of every layer's weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.weight = weight
+        ctx.dtype = x.dtype
+        return F.linear(x, dequantize(weight, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        need_x, _, need_bias = ctx.needs_input_grad
+        grad_x = grad @ dequantize(ctx.weight, grad.dtype) if need_x else None  # (..., in)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
+        return grad_x, None, grad_bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear` over a quantized (frozen) weight; x (..., in) -> (..., out)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        out: Tensor = _QuantLinear.apply(x, weight, bias)
+        return out
+    return F.linear(x, dequantize(weight, x.dtype), bias)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """The `nn.Linear` layers inside the model's repeated blocks (children of an `nn.ModuleList`): the layers
+    QLoRA quantizes. Embeddings, norms, poolers and task heads sit outside the blocks and stay dense."""
+    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name]
+    return [name for name, m in model.named_modules()
+            if type(m) is nn.Linear and any(name.startswith(prefix + ".") for prefix in lists)]
+
+
+def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace, in place, every linear layer of the model's blocks by its quantized form; returns their names.
+    Raises `LorakitError` for an unknown kind, a missing bitsandbytes, or a model with no such layers (nothing
+    changed then)."""
+    check_kind(kind)
+    bnb()
+    names = block_linear_names(model)
+    if not names:
+        raise LorakitError(f"{type(model).__name__} has no linear layers inside repeated blocks to quantize")
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), kind, compute_dtype))
+    model.lorakit_quantization = kind  # type: ignore[assignment]
+    return names
+
+
+def model_quantization(model: nn.Module) -> str | None:
+    """The kind `quantize_model` applied to `model`, or None for a dense model."""
+    kind = getattr(model, "lorakit_quantization", None)
+    return kind if isinstance(kind, str) else None
+
+
+def base_bytes(model: nn.Module) -> dict[str, int]:
+    """Stored bytes of the model's weights: 'quantized' (bitsandbytes weights, constants included), 'dense'
+    (everything else, each storage counted once) and 'total'."""
+    quantized = dense = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if is_quantized(p):
+            quantized += stored_bytes(p)
+            continue
+        ptr = p.untyped_storage().data_ptr() if p.device.type != "meta" else id(p)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        dense += p.numel() * p.element_size()
+    return {"quantized": quantized, "dense": dense, "total": quantized + dense}

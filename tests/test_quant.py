@@ -1,0 +1,185 @@
+"""lorakit.quant: NF4 / int8 base weights through bitsandbytes, and LoRA over them."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, tiny_bert, tiny_llama
+from torch import nn
+
+from lorakit import LoraConfig, LorakitError, inject, merge, quant
+from lorakit.errors import ConfigError
+from lorakit.io import fingerprint
+from lorakit.layers import LoraLinear, lora_modules
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _weight(seed: int = 0, shape: tuple[int, int] = (48, 64)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _nf4_reference(weight) -> torch.Tensor:
+    """NF4 decoded by hand from the stored codes: code table[nibble] x block absmax, the absmax themselves
+    decoded from their 8-bit blockwise codes (double quantization) plus the offset."""
+    state = weight.quant_state
+    packed = weight.data.flatten()
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).flatten().long()  # high nibble first
+    s2 = state.state2
+    codes = s2.code[state.absmax.long()]
+    padded = F.pad(codes, (0, -codes.numel() % s2.blocksize)).view(-1, s2.blocksize)  # (blocks of 256, 256)
+    absmax = (padded * s2.absmax[:, None]).flatten()[: codes.numel()] + state.offset
+    values = state.code[nibbles].view(-1, state.blocksize) * absmax[:, None]
+    return values.flatten()[: state.shape.numel()].view(state.shape)
+
+
+def test_nf4_dequantize_equals_a_decoding_of_the_stored_codes():
+    weight = quant.quantize_weight(_weight(), "nf4")
+    assert quant.kind_of(weight) == "nf4" and weight.quant_state.nested
+    assert_close(quant.dequantize(weight), _nf4_reference(weight), torch.float32)
+
+
+def test_int8_dequantize_equals_bitsandbytes_own():
+    weight = quant.quantize_weight(_weight(), "int8")
+    expected = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+    assert_close(quant.dequantize(weight), expected.float(), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_layer_output_equals_bitsandbytes_layer(kind):
+    linear = nn.Linear(64, 48)
+    layer = quant.quantize_linear(linear, kind)
+    x = torch.randn(5, 64)
+    assert_close(quant.linear(x, layer.weight, layer.bias), layer(x).float(), "fp32 reordered")
+
+
+@pytest.mark.parametrize("kind, rel", [("nf4", 0.15), ("int8", 0.01)])
+def test_dequantized_weight_is_close_to_the_original(kind, rel):
+    w = _weight()
+    assert torch.linalg.norm(quant.dequantize(quant.quantize_weight(w, kind)) - w) < rel * torch.linalg.norm(w)
+
+
+def test_quantize_model_quantizes_block_linears_only():
+    model = tiny_bert()
+    names = quant.quantize_model(model, "nf4")
+    modules = dict(model.named_modules())
+    assert names and all(".layer." in n for n in names)
+    assert all(quant.is_quantized(modules[n].weight) for n in names)
+    dense = ["bert.embeddings.word_embeddings", "bert.pooler.dense", "classifier",
+             "bert.encoder.layer.0.output.LayerNorm"]
+    assert not any(quant.is_quantized(modules[n].weight) for n in dense)
+
+
+@pytest.mark.parametrize("kind, limit", [("nf4", 0.16), ("int8", 0.28)])
+def test_stored_bytes_of_quantized_weights_within_limit(kind, limit):
+    w = _weight(shape=(256, 512))
+    assert quant.stored_bytes(quant.quantize_weight(w, kind)) <= limit * w.numel() * 4
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(LorakitError, match="unknown quantization 'nf3'"):
+        quant.quantize_model(tiny_llama(), "nf3")
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(LorakitError, match=r"pip install 'lorakit\[quant\]'"):
+        quant.bnb()
+
+
+def _qlora(kind: str = "nf4", seed: int = 0):
+    model = tiny_llama(seed)
+    quant.quantize_model(model, kind)
+    inject(model, LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_lora_forward_and_gradients_match_float64_reference(kind):
+    model = _qlora(kind)
+    name, module = next((n, m) for n, m in lora_modules(model) if n.endswith("down_proj"))
+    assert isinstance(module, LoraLinear) and module.quantized
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    x = torch.randn(3, 5, module.in_features, requires_grad=True)
+    out = module(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    w = quant.dequantize(module.weight).double()
+    a = module.lora_A.weight.detach().double().requires_grad_()
+    b = module.lora_B.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.linear(x64, w) + module.scaling * F.linear(F.linear(x64, a), b)
+    ref.backward(g.double())
+    assert_close(out.double(), ref.detach(), "fp32 vs float64 formula")
+    assert_close(x.grad.double(), x64.grad, "fp32 vs float64 formula")
+    assert_close(module.lora_A.weight.grad.double(), a.grad, "fp32 vs float64 formula")
+    assert_close(module.lora_B.weight.grad.double(), b.grad, "fp32 vs float64 formula")
+
+
+def test_module_holds_no_dense_copy_of_a_quantized_weight(token_ids):
+    model = _qlora()
+    model(token_ids).logits.sum().backward()
+    module = next(m for _, m in lora_modules(model))
+    held = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if not n.startswith("lora_")}
+    assert list(held) == ["weight"] and held["weight"].dtype == torch.uint8
+    assert not any(t.dtype == torch.float32 and t.numel() >= module.in_features * module.out_features
+                   for t in vars(module).values() if isinstance(t, torch.Tensor))
+
+
+def test_zero_b_keeps_the_quantized_model_output(token_ids):
+    model = tiny_llama()
+    quant.quantize_model(model, "nf4")
+    before = model(token_ids).logits
+    inject(model, LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    assert_close(model(token_ids).logits, before, "exact")
+
+
+def test_fingerprint_of_quantized_base_equals_the_dense_one():
+    dense, quantized = tiny_llama(), tiny_llama()
+    quant.quantize_model(quantized, "nf4")
+    targets = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert fingerprint(dense, targets) == fingerprint(quantized, targets)
+
+
+def test_dora_on_a_quantized_base_is_refused():
+    model = tiny_llama()
+    quant.quantize_model(model, "nf4")
+    with pytest.raises(ConfigError, match="dora over a quantized base"):
+        inject(model, LoraConfig(rank=4, targets=["q_proj"], dora=True))
+
+
+def test_plain_merge_on_a_quantized_base_is_refused_and_leaves_weights():
+    model = _qlora()
+    module = next(m for _, m in lora_modules(model))
+    stored = module.weight.data.clone()
+    with pytest.raises(LorakitError, match="choose a merge path"):
+        merge(model)
+    assert torch.equal(module.weight.data, stored) and not module.merged
+
+
+def test_principal_init_on_a_quantized_base_stores_the_quantized_residual():
+    model = tiny_llama()
+    quant.quantize_model(model, "nf4")
+    name = "model.layers.0.self_attn.q_proj"
+    w0 = quant.dequantize(model.get_submodule(name).weight)
+    inject(model, LoraConfig(rank=4, alpha=4, targets=["q_proj", "v_proj"], init="principal"))
+    module = model.get_submodule(name)
+    a, b = module.factors()
+    expected = quant.quantize_weight(w0 - module.scaling * (b @ a).detach(), "nf4")
+    assert quant.kind_of(module.weight) == "nf4"
+    assert torch.equal(module.weight.data, expected.data)
+
+
+def test_model_quantize_key_is_checked_at_load_time(tmp_path):
+    from lorakit.train.config import load_train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  task: classification\n  train: d.tsv\nmodel:\n  quantize: nf3\n")
+    with pytest.raises(ConfigError, match="model.quantize"):
+        load_train_config(path)
+    path.write_text("data:\n  task: classification\n  train: d.tsv\nmodel:\n  quantize: nf4\n")
+    assert load_train_config(path).model.quantize == "nf4"
