@@ -155,12 +155,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, dequantize(weight, x.dtype), bias)
 
 
+def _is_dense_lora_linear(module: nn.Module) -> bool:
+    """A lorakit `LoraLinear` over a dense `nn.Linear` weight (checked structurally: `lorakit.layers` imports
+    this module)."""
+    return (hasattr(module, "lora_A") and getattr(module, "quantized", None) is False
+            and getattr(module, "fan_in_fan_out", True) is False and not getattr(module, "dora", False))
+
+
 def block_linear_names(model: nn.Module) -> list[str]:
-    """The `nn.Linear` layers inside the model's repeated blocks (children of an `nn.ModuleList`): the layers
-    QLoRA quantizes. Embeddings, norms, poolers and task heads sit outside the blocks and stay dense."""
+    """The `nn.Linear` layers inside the model's repeated blocks (children of an `nn.ModuleList`), and LoRA
+    modules over them: the layers QLoRA quantizes. Embeddings, norms, poolers and task heads sit outside the
+    blocks and stay dense."""
     lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name]
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and any(name.startswith(prefix + ".") for prefix in lists)]
+            if (type(m) is nn.Linear or _is_dense_lora_linear(m)) and any(name.startswith(p + ".") for p in lists)]
 
 
 def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32) -> list[str]:
@@ -175,7 +183,12 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = tor
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), kind, compute_dtype))
+        module = getattr(parent, leaf)
+        if type(module) is nn.Linear:
+            setattr(parent, leaf, quantize_linear(module, kind, compute_dtype))
+        else:  # an adapted layer (a principal init's residual, or an adapter loaded on the dense base)
+            module.weight = quantize_weight(module.weight.data, kind)
+            module.quantized = True
     model.lorakit_quantization = kind  # type: ignore[assignment]
     return names
 

@@ -1,0 +1,98 @@
+"""lorakit.quant_merge: the three merge paths of an adapter trained on a quantized base, each measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, tiny_llama
+
+from lorakit import LoraConfig, LorakitError, MergeStateError, inject, quant
+from lorakit.layers import lora_modules
+from lorakit.merge import delta_weight, merged_state_dict
+from lorakit.quant_merge import logit_error, logits, merge_quantized
+
+pytest.importorskip("bitsandbytes")
+
+
+def _trained_qlora(kind: str = "nf4"):
+    model = tiny_llama()
+    quant.quantize_model(model, kind)
+    inject(model, LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.fixture
+def probe(token_ids):
+    return {"input_ids": token_ids}
+
+
+def test_dequantized_merge_equals_the_unmerged_quantized_model(probe):
+    model = _trained_qlora()
+    before = logits(model, probe)
+    merged, error = merge_quantized(model, "dequantized", probe=probe)
+    assert merged is model and not any(quant.is_quantized(p) for p in model.parameters())
+    assert_close(logits(model, probe), before, "fp32 reordered")
+    assert error is not None and error.max_abs_logit < 1e-4
+    state = merged_state_dict(model)
+    assert all(v.dtype == torch.float32 for v in state.values()) and not any("lora" in k for k in state)
+
+
+def test_requantized_merge_keeps_the_format_and_reports_its_error(probe):
+    model = _trained_qlora()
+    before = logits(model, probe)
+    _, error = merge_quantized(model, "requantized", probe=probe)
+    module = next(m for _, m in lora_modules(model))
+    assert quant.kind_of(module.weight) == "nf4" and module.merged
+    expected = logit_error("requantized", logits(model, probe), before)
+    assert error == expected and error.max_abs_logit > 0
+
+
+def test_original_merge_adds_delta_to_the_full_precision_base(probe):
+    model, original = _trained_qlora(), tiny_llama()
+    name, module = lora_modules(model)[0]
+    w = original.get_submodule(name).weight.detach().clone()
+    merged, error = merge_quantized(model, "original", original=original, probe=probe)
+    assert merged is original and not module.merged
+    assert_close(original.get_submodule(name).weight, w + delta_weight(module), "fp32 reordered")
+    dequantized_error = merge_quantized(_trained_qlora(), "dequantized", probe=probe)[1]
+    assert error is not None and dequantized_error is not None
+    assert error.max_abs_logit > 10 * dequantized_error.max_abs_logit  # the quantization error stays in
+
+
+def test_logit_error_matches_a_float64_formula():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 7, generator=gen), torch.randn(2, 3, 7, generator=gen)
+    p, q = torch.softmax(b.double(), -1), torch.softmax(a.double(), -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean().item()
+    error = logit_error("x", a, b)
+    assert error.max_abs_logit == pytest.approx((a - b).abs().max().item())
+    assert error.mean_kl == pytest.approx(kl, rel=1e-5)
+
+
+def test_merging_twice_is_refused():
+    model = _trained_qlora()
+    merge_quantized(model, "requantized")
+    with pytest.raises(MergeStateError, match="already merged"):
+        merge_quantized(model, "requantized")
+
+
+def test_unknown_path_and_missing_original_are_refused():
+    model = _trained_qlora()
+    with pytest.raises(LorakitError, match="unknown merge path 'fp16'"):
+        merge_quantized(model, "fp16")
+    with pytest.raises(LorakitError, match="needs the full-precision base"):
+        merge_quantized(model, "original")
+    assert not any(m.merged for _, m in lora_modules(model))
+
+
+def test_quantizing_an_adapted_dense_model_keeps_its_adapter(token_ids):
+    model = tiny_llama()
+    inject(model, LoraConfig(rank=4, alpha=8, targets=["q_proj"]))
+    quant.quantize_model(model, "int8")
+    module = next(m for _, m in lora_modules(model))
+    assert module.quantized and quant.kind_of(module.weight) == "int8"
+    assert torch.isfinite(model(token_ids).logits).all()
