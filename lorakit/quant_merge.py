@@ -63,10 +63,11 @@ def logit_error(path: str, merged: Tensor, reference: Tensor) -> MergeError:
 
 def _dense_linear(layer: nn.Module, weight: Tensor) -> nn.Linear:
     out_features, in_features = weight.shape
-    dense = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
+    dense = nn.Linear(in_features, out_features, bias=isinstance(getattr(layer, "bias", None), Tensor), device="meta")
     dense.weight = nn.Parameter(weight, requires_grad=False)
-    if layer.bias is not None:
-        dense.bias = nn.Parameter(layer.bias.data.to(weight.dtype), requires_grad=False)
+    bias = getattr(layer, "bias", None)
+    if isinstance(bias, Tensor):
+        dense.bias = nn.Parameter(bias.data.to(weight.dtype), requires_grad=False)
     return dense
 
 
@@ -75,7 +76,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> No
     holding its dequantized weight, so the model saves as a plain checkpoint."""
     for name, module in list(model.named_modules()):
         weight = getattr(module, "weight", None)
-        if hasattr(module, "lora_A") or not quant.is_quantized(weight):
+        if hasattr(module, "lora_A") or not isinstance(weight, Tensor) or not quant.is_quantized(weight):
             continue
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, _dense_linear(module, quant.dequantize(weight, dtype)))
@@ -132,7 +133,7 @@ def merge_quantized(model: nn.Module, path: str, *, original: nn.Module | None =
                     module.weight = quant.quantize_weight(matrix, kind)
                 else:
                     module.weight = nn.Parameter(matrix.to(dtype), requires_grad=False)
-                    module.quantized = False  # type: ignore[assignment]
+                    module.quantized = False  # type: ignore[attr-defined]
                 module.merged = True
             if path == "dequantized":
                 dequantize_model(model, dtype)
