@@ -166,9 +166,11 @@ def block_linear_names(model: nn.Module) -> list[str]:
     """The `nn.Linear` layers inside the model's repeated blocks (children of an `nn.ModuleList`), and LoRA
     modules over them: the layers QLoRA quantizes. Embeddings, norms, poolers and task heads sit outside the
     blocks and stay dense."""
-    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name]
-    return [name for name, m in model.named_modules()
-            if (type(m) is nn.Linear or _is_dense_lora_linear(m)) and any(name.startswith(p + ".") for p in lists)]
+    modules = dict(model.named_modules())
+    lists = [name for name, m in modules.items() if isinstance(m, nn.ModuleList) and name]
+    return [name for name, m in modules.items()
+            if (type(m) is nn.Linear or _is_dense_lora_linear(m)) and any(name.startswith(p + ".") for p in lists)
+            and not hasattr(modules.get(name.rpartition(".")[0]), "lora_A")]  # not a LoRA factor
 
 
 def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32) -> list[str]:

@@ -1,0 +1,88 @@
+"""lorakit.quant_init: QLoRA, QPiSSA and LoftQ initialisations on a quantized base, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, tiny_llama
+
+from lorakit import LoraConfig, LorakitError, inject, load_adapter, quant, save_adapter
+from lorakit.layers import lora_modules
+from lorakit.quant_init import init_matrix, quantize_with_init, reconstruction_error
+
+bnb = pytest.importorskip("bitsandbytes")
+
+CONFIG = LoraConfig(rank=4, alpha=4, targets=["q_proj", "v_proj", "down_proj"])
+
+
+def _weight() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 6, generator=gen) @ torch.randn(6, 128, generator=gen)  # a strong rank-6 part
+    return low * 0.05 + torch.randn(64, 128, generator=gen) * 0.02
+
+
+def _bnb_nf4(matrix: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' own NF4 round trip (block 64, double quantization), outside lorakit."""
+    packed, state = bnb.functional.quantize_4bit(matrix.contiguous(), blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+    return bnb.functional.dequantize_4bit(packed, state).double()
+
+
+def test_qpissa_error_equals_a_direct_computation():
+    w = _weight()
+    a, b, q, _ = init_matrix(w, 4, 1.0, "nf4", "qpissa")
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    top = (u[:, :4] * s[:4]) @ vh[:4]  # (64, 128): the rank-4 part in float64
+    direct = torch.linalg.norm(w.double() - (_bnb_nf4((w.double() - top).float()) + top)).item()
+    assert reconstruction_error(w, q, a, b, 1.0) == pytest.approx(direct, rel=1e-3)
+
+
+def test_qlora_error_equals_bitsandbytes_round_trip():
+    w = _weight()
+    a, b, q, _ = init_matrix(w, 4, 1.0, "nf4", "qlora")
+    assert reconstruction_error(w, q, a, b, 1.0) == pytest.approx(torch.linalg.norm(w.double() - _bnb_nf4(w)).item(),
+                                                                  rel=1e-6)
+
+
+def test_loftq_error_falls_below_qpissa_and_qlora():
+    w = _weight()
+    errors = {}
+    for method in ("qlora", "qpissa", "loftq"):
+        a, b, q, _ = init_matrix(w, 4, 1.0, "nf4", method, iters=5)
+        errors[method] = reconstruction_error(w, q, a, b, 1.0)
+    assert errors["loftq"] < errors["qpissa"] < errors["qlora"]
+
+
+def test_report_sums_per_matrix_errors_and_quantizes_every_block_linear():
+    model = tiny_llama()
+    inject(model, CONFIG)
+    report = quantize_with_init(model, "nf4", "loftq", iters=2)
+    assert len(report.matrices) == 6
+    assert report.error == pytest.approx(sum(m.error for m in report.matrices))
+    assert 0 < report.cut < 1
+    quantized = {n for n, p in model.named_parameters() if quant.is_quantized(p)}
+    assert len(quantized) == 2 * 7 and not any("lora_" in n for n in quantized)  # 7 linears per block
+
+
+def test_principal_adapter_reloads_to_the_same_quantized_residual(tmp_path, token_ids):
+    model = tiny_llama()
+    inject(model, CONFIG)
+    quantize_with_init(model, "nf4", "qpissa")
+    expected = model(token_ids).logits
+    save_adapter(model, tmp_path / "a")
+    again = tiny_llama()
+    load_adapter(again, tmp_path / "a")
+    quant.quantize_model(again, "nf4")
+    for (_, m1), (_, m2) in zip(lora_modules(model), lora_modules(again), strict=True):
+        assert torch.equal(m1.weight.data, m2.weight.data)
+    assert_close(again(token_ids).logits, expected, "exact")
+
+
+def test_unknown_method_and_quantized_model_are_refused():
+    model = tiny_llama()
+    inject(model, CONFIG)
+    with pytest.raises(LorakitError, match="unknown quantized init 'gptq'"):
+        quantize_with_init(model, "nf4", "gptq")
+    quantize_with_init(model, "nf4", "qlora")
+    with pytest.raises(LorakitError, match="needs a dense, unmerged adapted model"):
+        quantize_with_init(model, "nf4", "qpissa")
