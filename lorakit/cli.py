@@ -81,7 +81,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.export import merge_adapter
 
-    out = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force)
+    if args.merge_path is not None:
+        from lorakit.quant_merge import merge_quantized_adapter
+
+        out, error = merge_quantized_adapter(args.adapter, args.out, args.merge_path, model=args.model,
+                                             dtype=args.dtype, force=args.force)
+        print(error)
+    else:
+        out = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype, force=args.force)
     print(f"merged model written to {out}")
     return 0
 
@@ -211,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["merge"].add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                                   help="dtype of the saved weights (ΔW is added in fp32 and rounded once)")
     parsers["merge"].add_argument("--force", action="store_true", help="replace an earlier merged model at --out")
+    parsers["merge"].add_argument("--merge-path", choices=("dequantized", "requantized", "original"),
+                                  help="for an adapter trained on a quantized base (required there): merge into the "
+                                  "dequantized base, re-quantize, or use the original full-precision base")
     for name in ("generate", "chat"):
         _add_sampling_flags(parsers[name])
     parsers["generate"].add_argument("--prompt", action="append", help="a prompt (repeatable); else read stdin")

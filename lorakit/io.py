@@ -346,6 +346,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     return {
         "base_model": raw_config.get("base_model_name_or_path") or metadata.get("lorakit_base_model"),
         "fingerprint": metadata.get("lorakit_fingerprint"),
+        "quantization": metadata.get(QUANTIZATION_KEY),
         "task_type": raw_config.get("task_type"),
         "rank": config.rank, "ranks": counts,
         "alpha": config.alpha, "init": config.init, "rslora": config.rslora, "dora": config.dora,

@@ -106,6 +106,10 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype = t
     else:
         module = lib.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                      device="meta")
+    if kind == "nf4":
+        # bitsandbytes would otherwise repack the codes in place into a CPU-only layout on the first eval forward
+        # (and fail for fan_in < 64): the stored form must stay the one `dequantize` and the file formats read.
+        module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     module.weight = quantize_weight(linear.weight.data.to("cpu") if linear.weight.device.type != "cpu"
                                     else linear.weight.data, kind)
     if linear.bias is not None:

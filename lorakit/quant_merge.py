@@ -13,12 +13,15 @@ unmerged quantized model; `merge_quantized` never chooses a path by itself.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from lorakit import quant
 from lorakit.errors import LorakitError, MergeStateError
@@ -140,3 +143,61 @@ def merge_quantized(model: nn.Module, path: str, *, original: nn.Module | None =
     error = logit_error(path, logits(merged, probe), reference) if probe is not None and reference is not None \
         else None
     return merged, error
+
+
+PROBE_TEXTS = ("The capital of France is Paris.", "A quiet film that rewards patience.",
+               "Write a short poem about the sea.", "def add(a, b):\n    return a + b")
+
+
+def adapter_quantization(adapter: str | Path) -> str | None:
+    """The quantization (nf4, int8) of the base an adapter was trained on, from its header; None if dense."""
+    from lorakit.io import QUANTIZATION_KEY, read_adapter
+
+    kind = read_adapter(adapter)[2].get(QUANTIZATION_KEY)
+    return kind or None
+
+
+def probe_batch(tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]:
+    """A fixed batch of four short texts, padded, as keyword inputs."""
+    batch = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def merge_quantized_adapter(adapter: str | Path, out_dir: str | Path, path: str | None, *, model: str | None = None,
+                            dtype: str = "float32", force: bool = False) -> tuple[Path, MergeError]:
+    """`lorakit merge --merge-path PATH`: load the adapter on its base quantized as it was in training, merge by
+    `path` and write a plain transformers directory; returns it with the error on a probe batch.
+
+    Raises `LorakitError` (before anything is written) when the adapter was not trained on a quantized base,
+    when `path` is missing or unknown, and for `requantized`, whose bitsandbytes codes no checkpoint written here
+    can carry back (transformers would load them as a plain matrix).
+    """
+    from lorakit.export import DTYPES, export_merged, model_card
+    from lorakit.inference import load_for_inference
+    from lorakit.outputs import claim_output_dir
+
+    kind = adapter_quantization(adapter)
+    if kind is None:
+        raise LorakitError(f"--merge-path applies to adapters trained on a quantized base; {adapter} was trained "
+                           "on a dense one (merge it without --merge-path)")
+    if path is None:
+        raise LorakitError(f"{adapter} was trained on a {kind} base; name the merge path with --merge-path "
+                           f"({' | '.join(MERGE_PATHS)}; see docs/quantization.md)")
+    check_path(path)
+    if path == "requantized":
+        raise LorakitError(f"a re-quantized ({kind}) merged model cannot be saved as a checkpoint that reloads as "
+                           "the same model; use --merge-path dequantized (what training saw) or original")
+    if dtype not in DTYPES:
+        raise LorakitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    claim_output_dir(out_dir, kind="merged model", force=force, inputs=[adapter] + ([model] if model else []))
+    loaded = load_for_inference(model, adapter)  # dense base + adapter: a principal residual is rebuilt from W
+    dense = copy.deepcopy(loaded.model) if path == "original" else None
+    quant.quantize_model(loaded.model, kind)  # the model as it was trained
+    probe = probe_batch(loaded.tokenizer)
+    card = model_card(loaded.base, Path(adapter), loaded.task_state, dtype, loaded.model)
+    if dense is not None:  # the adapter on the full-precision base, merged there by the dense path
+        error = logit_error(path, logits(dense, probe), logits(loaded.model, probe))
+        return export_merged(dense, out_dir, loaded.tokenizer, dtype=DTYPES[dtype], card=card), error
+    merged, measured = merge_quantized(loaded.model, path, probe=probe)
+    assert measured is not None
+    return export_merged(merged, out_dir, loaded.tokenizer, dtype=DTYPES[dtype], card=card), measured

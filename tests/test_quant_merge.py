@@ -96,3 +96,38 @@ def test_quantizing_an_adapted_dense_model_keeps_its_adapter(token_ids):
     module = next(m for _, m in lora_modules(model))
     assert module.quantized and quant.kind_of(module.weight) == "int8"
     assert torch.isfinite(model(token_ids).logits).all()
+
+
+@pytest.fixture(scope="module")
+def nf4_adapter(tmp_path_factory, tiny_classifier_dir):
+    """An adapter trained (3 steps) on the tiny classifier with an NF4 base, through `lorakit train`."""
+    from conftest import NEGATIVE, POSITIVE, write_config
+
+    from lorakit.cli import main
+
+    root = tmp_path_factory.mktemp("nf4-run")
+    train = root / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in
+                                                   [(s, 1) for s in POSITIVE] * 2 + [(s, 0) for s in NEGATIVE] * 2))
+    config = write_config(root / "c.yaml", tiny_classifier_dir, train, train, root / "run", optim={"max_steps": 3})
+    assert main(["train", str(config), "--model.quantize=nf4", "--quiet"]) == 0
+    return root / "run" / "adapter"
+
+
+@pytest.mark.parametrize("path", ["dequantized", "original"])
+def test_cli_merge_path_writes_the_model_its_path_promises(path, nf4_adapter, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.cli import main
+    from lorakit.inference import load_for_inference
+    from lorakit.quant_merge import adapter_quantization, probe_batch
+
+    assert adapter_quantization(nf4_adapter) == "nf4"
+    assert main(["merge", "--adapter", str(nf4_adapter), "--out", str(tmp_path / "m"), "--merge-path", path]) == 0
+    assert f"merge path {path}: max |Δlogit|" in capsys.readouterr().out
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    loaded = load_for_inference(None, nf4_adapter)
+    if path == "dequantized":  # what training saw: the adapter on the NF4 base
+        quant.quantize_model(loaded.model, "nf4")
+    probe = probe_batch(loaded.tokenizer)
+    assert_close(logits(merged, probe), logits(loaded.model, probe), "fp32 reordered")
