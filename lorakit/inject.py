@@ -43,6 +43,8 @@ class InjectionReport:
     modules_to_save: list[str]
     trainable_params: int
     total_params: int
+    base_bytes: int = 0  # the base's weights as stored (a quantized base: codes and constants)
+    dense_base_bytes: int = 0  # the same weights stored dense (fp32 where quantized)
 
     @property
     def trainable_fraction(self) -> float:
@@ -50,8 +52,10 @@ class InjectionReport:
 
     def __str__(self) -> str:
         saved = f" + {len(self.modules_to_save)} saved in full" if self.modules_to_save else ""
+        stored = (f"; base weights {self.base_bytes / 2**20:.1f} MiB stored quantized, "
+                  f"{self.dense_base_bytes / 2**20:.1f} MiB dense") if self.base_bytes != self.dense_base_bytes else ""
         return (f"adapted {len(self.adapted)} modules{saved}; trainable {self.trainable_params:,} of "
-                f"{self.total_params:,} parameters ({100 * self.trainable_fraction:.3f}%)")
+                f"{self.total_params:,} parameters ({100 * self.trainable_fraction:.3f}%){stored}")
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -164,8 +168,7 @@ def inject(model: nn.Module, config: LoraConfig, *, initialize: bool = True,
     model.lorakit_state = state  # type: ignore[assignment]
     trainable, params = adapter_parameters(model), list(model.parameters())
     _freeze_all_but(params, trainable)
-    report = InjectionReport(list(state.adapted), list(state.modules_to_save),
-                             sum(p.numel() for p in trainable.values()), sum(p.numel() for p in params))
+    report = _report(model, state, trainable, params)
     log.info("%s", report)
     return report
 
@@ -280,9 +283,18 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def injection_report(model: nn.Module) -> InjectionReport:
     state = adapter_state(model)
-    trainable = sum(p.numel() for p in adapter_parameters(model).values())
-    total = sum(p.numel() for p in model.parameters())
-    return InjectionReport(list(state.adapted), list(state.modules_to_save), trainable, total)
+    return _report(model, state, adapter_parameters(model), list(model.parameters()))
+
+
+def _report(model: nn.Module, state: AdapterState, trainable: dict[str, nn.Parameter], params: list[nn.Parameter]
+            ) -> InjectionReport:
+    adapter = {id(p) for p in trainable.values()}
+    base = [p for p in params if id(p) not in adapter]
+    stored = sum(quant.stored_bytes(p) for p in base)
+    dense = sum(quant.numel(p) * 4 if quant.is_quantized(p) else p.numel() * p.element_size() for p in base)
+    return InjectionReport(list(state.adapted), list(state.modules_to_save),
+                           sum(p.numel() for p in trainable.values()), sum(quant.numel(p) for p in params),
+                           stored, dense)
 
 
 def _replace(modules: dict[str, nn.Module], name: str, module: nn.Module) -> None:

@@ -205,6 +205,14 @@ def model_quantization(model: nn.Module) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def numel(weight: Tensor) -> int:
+    """Entries of the matrix a weight stands for (NF4 stores two per byte)."""
+    if getattr(weight, "quant_state", None) is not None:
+        out, fan_in = shape(weight)
+        return out * fan_in
+    return weight.numel()
+
+
 def base_bytes(model: nn.Module) -> dict[str, int]:
     """Stored bytes of the model's weights: 'quantized' (bitsandbytes weights, constants included), 'dense'
     (everything else, each storage counted once) and 'total'."""

@@ -183,3 +183,16 @@ def test_model_quantize_key_is_checked_at_load_time(tmp_path):
         load_train_config(path)
     path.write_text("data:\n  task: classification\n  train: d.tsv\nmodel:\n  quantize: nf4\n")
     assert load_train_config(path).model.quantize == "nf4"
+
+
+def test_injection_report_shows_base_bytes_stored_and_dense():
+    model = tiny_llama()
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    quant.quantize_model(model, "nf4")
+    report = inject(model, LoraConfig(rank=4, targets=["q_proj"]))
+    assert report.dense_base_bytes == dense_bytes
+    assert report.base_bytes == quant.base_bytes(model)["total"] - sum(
+        p.numel() * 4 for _, m in lora_modules(model) for p in m.lora_parameters())
+    assert report.base_bytes < report.dense_base_bytes and "MiB stored quantized" in str(report)
+    assert report.total_params == dense_bytes // 4 + sum(p.numel() for _, m in lora_modules(model)
+                                                         for p in m.lora_parameters())
