@@ -11,6 +11,7 @@ quantized to 8 bits in blocks of 256 (double quantization), and fp32 (or bf16) L
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, cast
 
@@ -27,10 +28,17 @@ NF4_BLOCK = 64  # QLoRA's block size for the NF4 constants
 
 def bnb() -> Any:
     """The bitsandbytes module; raises `LorakitError` naming the extra to install when it is missing."""
+    # On import, bitsandbytes warns on stderr that an optional accelerated CPU kernel (the `kernels` package) is
+    # missing; its own fallback is what runs here, so the warning would only be a second line beside every error.
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as exc:
         raise LorakitError(f"quantizing a model needs bitsandbytes, which is not installed ({INSTALL_HINT})") from exc
+    finally:
+        noisy.setLevel(level)
     return bitsandbytes
 
 
