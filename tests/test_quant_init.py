@@ -86,3 +86,17 @@ def test_unknown_method_and_quantized_model_are_refused():
     quantize_with_init(model, "nf4", "qlora")
     with pytest.raises(LorakitError, match="needs a dense, unmerged adapted model"):
         quantize_with_init(model, "nf4", "qpissa")
+
+
+def test_training_with_loftq_init_saves_a_principal_adapter_on_nf4(tmp_path, tiny_classifier_dir, sentiment_tsv):
+    from conftest import write_config
+
+    from lorakit.cli import main
+    from lorakit.io import inspect_adapter
+
+    config = write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run",
+                          optim={"max_steps": 2})
+    argv = ["train", str(config), "--model.quantize=nf4", "--model.quantize_init=loftq", "--model.loftq_iters=2"]
+    assert main([*argv, "--quiet"]) == 0
+    info = inspect_adapter(tmp_path / "run" / "adapter")
+    assert info["quantization"] == "nf4" and info["init"] == "principal"

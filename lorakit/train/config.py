@@ -256,6 +256,13 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
     if r.fsdp_offload and r.parallel != "fsdp":
         out.append((("run.fsdp_offload", "run.parallel"), f"run.fsdp_offload offloads fsdp's shards, and run.parallel "
                                                           f"is {r.parallel!r}; set run.parallel=fsdp or remove it"))
+    m = config.model
+    if m.quantize_init != "qlora" and (m.quantize is None or r.method != "lora"):
+        out.append((("model.quantize_init", "model.quantize"), f"model.quantize_init={m.quantize_init} initialises "
+                                                               "LoRA on a quantized base: set model.quantize (nf4 or "
+                                                               "int8) and run.method=lora, or remove it"))
+    if m.loftq_iters < 1:
+        out.append((("model.loftq_iters",), f"model.loftq_iters must be >= 1, got {m.loftq_iters}"))
     out += _compress_problems(config)
     out += _distill_problems(config)
     sides = (("train_articles", d.train_articles, d.train), ("eval_articles", d.eval_articles, d.eval))

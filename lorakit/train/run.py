@@ -26,10 +26,11 @@ from lorakit.distributed import World
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes, atomic_write_dir
 from lorakit.inference import HEAD_FOR_TASK
-from lorakit.inject import AdapterState, InjectionReport, inject
+from lorakit.inject import AdapterState, InjectionReport, inject, injection_report
 from lorakit.io import TASK_NAME, save_adapter
 from lorakit.models import load_model
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
+from lorakit.quant_init import quantize_with_init
 from lorakit.task import Features, Task
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.compress_setup import (
@@ -162,7 +163,8 @@ def prepare(config: TrainConfig) -> Prepared:
     if hasattr(task, "fit_labels"):
         num_labels = len(task.fit_labels(train_records))
     model, _ = load_model(config.model.name, head=HEAD_FOR_TASK[config.data.task], num_labels=num_labels,
-                          dtype=getattr(torch, config.model.dtype), quantize=config.model.quantize)
+                          dtype=getattr(torch, config.model.dtype),
+                          quantize=config.model.quantize if config.model.quantize_init == "qlora" else None)
     check_max_length(config.data.max_length, model.config, config.model.name)
     train_features, eval_features = task.encode(train_records), task.encode(eval_records) if eval_records else []
     if hasattr(task, "init_head"):  # a new classifier head starts at the label prior of the training data
@@ -182,6 +184,12 @@ def prepare(config: TrainConfig) -> Prepared:
         if lora_on_factors:
             base_layers = lora_base_layers(model, lora)
         report = inject(model, lora)
+        if config.model.quantize and config.model.quantize_init != "qlora":  # needs the dense W: quantized here
+            init_report = quantize_with_init(model, config.model.quantize, config.model.quantize_init,
+                                             iters=config.model.loftq_iters, svd_iters=lora.svd_iters,
+                                             seed=config.run.seed)
+            log.info("%s", init_report)
+            report = injection_report(model)
     elif config.run.method == "factors":
         report = _unfreeze(model, heads + [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)])
     else:

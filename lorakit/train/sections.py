@@ -24,11 +24,17 @@ class ModelSection:
     quantize: `nf4` or `int8` stores the linear layers of the transformer blocks quantized through bitsandbytes
         (QLoRA; `pip install 'lorakit[quant]'`), dequantized to `dtype` for each matmul; embeddings, norms and
         task heads stay dense. null: a dense base.
+    quantize_init: how the adapter starts on a quantized base (docs/quantization.md): `qlora` (lora.init over Q(W)),
+        `qpissa` (the top-r of W in A, B; only the residual quantized) or `loftq` (loftq_iters alternations
+        between quantizing W - s·B A and re-fitting A, B to W - Q). Needs model.quantize.
+    loftq_iters: LoftQ's alternations.
     """
 
     name: str = "smollm2"
     dtype: str = "float32"
     quantize: str | None = None
+    quantize_init: str = "qlora"
+    loftq_iters: int = 5
 
 
 @dataclass
@@ -233,6 +239,7 @@ SECTION_TYPES: dict[str, type] = {"model": ModelSection, "data": DataSection, "l
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantize": ("nf4", "int8"),
+    "model.quantize_init": ("qlora", "qpissa", "loftq"),
     "data.task": ("classification", "instruction", "ner", "qa", "translation"),
     "data.format": tuple(FORMATS),
     "lora.init": INIT_METHODS,

@@ -40,6 +40,14 @@ def test_unknown_quantization_name(tmp_path: Path, tiny_classifier_dir, sentimen
     assert not (tmp_path / "run").exists()
 
 
+def test_quantized_init_without_a_quantized_base(tmp_path: Path, tiny_classifier_dir, sentiment_tsv,
+                                                capsys) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run")
+    expect_cli_error(["train", str(config), "--model.quantize_init=qpissa", "--quiet"], capsys,
+                     matches=r"model\.quantize_init=qpissa initialises LoRA on a quantized base: set model\.quantize",
+                     watch=[tmp_path])
+
+
 def test_quantizing_without_bitsandbytes(tmp_path: Path, tiny_classifier_dir, sentiment_tsv, capsys,
                                          monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
