@@ -47,6 +47,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
+    ignore_eos: bool = False  # vLLM's extension
 
 
 class CompletionRequest(_Sampling):
@@ -213,7 +214,7 @@ def _routes(app: FastAPI, settings: ServeSettings, engine: eng.Engine, registry:
             rows.append(eng.Request(ids[i // body.n], adapter, emit, max_tokens=max_tokens,
                                     temperature=body.temperature, top_p=body.top_p, stop=stops,
                                     seed=None if body.seed is None else body.seed + i,
-                                    timeout_s=settings.request_timeout_s))
+                                    timeout_s=settings.request_timeout_s, ignore_eos=body.ignore_eos))
         try:
             for row in rows:
                 engine.submit(row)

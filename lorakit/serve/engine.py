@@ -66,6 +66,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     timeout_s: float = 600.0
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever comes (for load tests)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -286,7 +287,7 @@ class Engine:
     def _report(self, row: _Row) -> str | None:
         """Emit the row's new text; returns the finish reason when the row is done."""
         request = row.request
-        done_eos = row.generated[-1] in self.eos
+        done_eos = row.generated[-1] in self.eos and not request.ignore_eos
         ids = row.generated[:-1] if done_eos else row.generated
         text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         reason = "stop" if done_eos else "length" if len(row.generated) >= request.max_tokens else None
