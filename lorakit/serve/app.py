@@ -239,9 +239,9 @@ def _routes(app: FastAPI, settings: ServeSettings, engine: eng.Engine, registry:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {known}", "model_not_found")
         return model
 
-    async def _events(http: Request, queue: asyncio.Queue[tuple[int, eng.Event]],
-                      rows: list[eng.Request]) -> AsyncIterator[tuple[int, eng.Event]]:
-        left = len(rows)
+    async def _events(http: Request, queue: asyncio.Queue[tuple[int, eng.Event]], rows: list[eng.Request],
+                      started: float) -> AsyncIterator[tuple[int, eng.Event]]:
+        left, first = len(rows), True
         while left:
             try:
                 i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
@@ -249,6 +249,9 @@ def _routes(app: FastAPI, settings: ServeSettings, engine: eng.Engine, registry:
                 if await http.is_disconnected():
                     raise asyncio.CancelledError from None
                 continue
+            if first:
+                metrics.first_token.observe(time.monotonic() - started)
+                first = False
             if event.finish_reason is not None:
                 left -= 1
             yield i, event
@@ -257,7 +260,7 @@ def _routes(app: FastAPI, settings: ServeSettings, engine: eng.Engine, registry:
                       shape: _Shape, started: float) -> dict[str, Any]:
         texts, reasons, tokens = [""] * len(rows), [""] * len(rows), [0] * len(rows)
         try:
-            async for i, event in _events(http, queue, rows):
+            async for i, event in _events(http, queue, rows, started):
                 texts[i] += event.text
                 tokens[i] = event.tokens
                 if event.finish_reason is not None:
@@ -276,7 +279,7 @@ def _routes(app: FastAPI, settings: ServeSettings, engine: eng.Engine, registry:
             if shape.chat:
                 for i in range(len(rows)):
                     yield _sse(shape.chunk(i, None, None, role=True))
-            async for i, event in _events(http, queue, rows):
+            async for i, event in _events(http, queue, rows, started):
                 tokens[i] = event.tokens
                 if event.error is not None:
                     yield _sse(error_body(event.error, 408 if event.finish_reason == "timeout" else 409))

@@ -132,6 +132,8 @@ def test_metrics_count_requests_and_tokens(server) -> None:  # type: ignore[no-u
     assert 'lorakit_requests_total{route="/v1/completions",status="200"}' in text
     assert "lorakit_generation_tokens_total" in text and "lorakit_request_latency_seconds_bucket" in text
     assert "lorakit_queue_depth" in text and "lorakit_batch_size" in text
+    first_token = [line for line in text.splitlines() if line.startswith("lorakit_time_to_first_token_seconds_count")]
+    assert first_token and float(first_token[0].split()[-1]) >= 1
 
 
 @pytest.fixture(scope="module")
