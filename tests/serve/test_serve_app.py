@@ -3,6 +3,7 @@ two adapters at once, greedy outputs equal to `lorakit generate`, runtime adapte
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lorakit.serve.limits import ServeSettings
 
 PROMPTS = {None: "the cat sat", "a1": "hello world, hello there and a dog", "a2": "numbers 12"}
 KEY = "s3cret-key"
+APPS: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,7 @@ def server(world: dict[str, Path]):  # type: ignore[no-untyped-def]
     settings = ServeSettings(model=str(world["base"]), adapters={"a1": world["a1"], "a2": world["a2"]},
                              adapter_dir=world["adapter_dir"], max_batch_size=8, max_loaded_adapters=3)
     app = create_app(settings)
+    APPS["main"] = app
     with running(app) as url:
         yield url, settings.model
     app.app.state.engine.stop()
@@ -158,3 +161,17 @@ def test_without_a_key_any_bearer_is_accepted(server) -> None:  # type: ignore[n
     url, _ = server
     assert httpx.get(f"{url}/v1/models").status_code == 200
     assert len(client(url, "anything").models.list().data) >= 3
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_the_batch(server) -> None:  # type: ignore[no-untyped-def]
+    url, _ = server
+    engine = APPS["main"].app.state.engine  # type: ignore[attr-defined]
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "a1", "prompt": "the cat", "max_tokens": 2000,
+                                                             "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())
+        row = engine.rows[0]
+    deadline = time.monotonic() + 10
+    while engine.batch_size() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.batch_size() == 0
+    assert row.request.cancelled.is_set() and len(row.generated) < 2000  # it left, it did not finish
