@@ -15,6 +15,8 @@ from lorakit.serve.app import create_app
 from lorakit.serve.limits import ServeSettings
 
 KEY = "fuzz-key"
+# examples per operation and mode; a longer run: LORAKIT_SERVE_FUZZ_EXAMPLES=500 pytest tests/serve/test_serve_fuzz.py
+EXAMPLES = int(os.environ.get("LORAKIT_SERVE_FUZZ_EXAMPLES", "12"))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def test_schemathesis_finds_no_server_error(app) -> None:  # type: ignore[no-unt
             modes.append(schemathesis.GenerationMode.NEGATIVE)
         for mode in modes:
 
-            @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(mode).map(on_adapter))
             def check(case) -> None:  # type: ignore[no-untyped-def]
