@@ -261,6 +261,13 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
         out.append((("model.quantize_init", "model.quantize"), f"model.quantize_init={m.quantize_init} initialises "
                                                                "LoRA on a quantized base: set model.quantize (nf4 or "
                                                                "int8) and run.method=lora, or remove it"))
+    if m.quantize is not None and (r.method in ("full", "factors") or r.parallel == "fsdp" or config.compress.enabled):
+        what = "run.parallel=fsdp" if r.parallel == "fsdp" else (
+            "compress" if config.compress.enabled else f"run.method={r.method}")
+        out.append((("model.quantize", "run.method"), f"model.quantize={m.quantize} freezes the base in "
+                                                      f"{m.quantize}, which {what} would have to change or shard; "
+                                                      "use run.method=lora (or head-only) without compress or fsdp, "
+                                                      "or remove model.quantize"))
     if m.loftq_iters < 1:
         out.append((("model.loftq_iters",), f"model.loftq_iters must be >= 1, got {m.loftq_iters}"))
     out += _compress_problems(config)

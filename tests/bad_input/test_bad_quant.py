@@ -48,6 +48,15 @@ def test_quantized_init_without_a_quantized_base(tmp_path: Path, tiny_classifier
                      watch=[tmp_path])
 
 
+@pytest.mark.parametrize("flag", ["--run.method=full", "--run.parallel=fsdp"], ids=["full", "fsdp"])
+def test_quantized_base_with_a_method_that_changes_it(flag: str, tmp_path: Path, tiny_classifier_dir,
+                                                      sentiment_tsv, capsys) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run")
+    expect_cli_error(["train", str(config), "--model.quantize=nf4", flag, "--quiet"], capsys,
+                     matches=r"model\.quantize=nf4 freezes the base in nf4, which .* use run\.method=lora",
+                     watch=[tmp_path])
+
+
 def test_quantizing_without_bitsandbytes(tmp_path: Path, tiny_classifier_dir, sentiment_tsv, capsys,
                                          monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
