@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SHELL := /bin/bash
 
-.PHONY: demo test test-slow lint bench venv clean
+.PHONY: demo test test-slow fuzz lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The server's schemathesis run against its own OpenAPI schema, longer than the bounded one in `make test`.
+fuzz: $(STAMP)
+	LORAKIT_SERVE_FUZZ_EXAMPLES=500 $(PY) -m pytest -q tests/serve/test_serve_fuzz.py
+
 # The performance races against PEFT, the base model and full fine-tuning (docs/benchmarks.md), one after
-# another on a quiet machine; about 11 minutes on 2 idle cores. Logs and the JSON lines go to runs/bench/.
-BENCHMARKS := bench_train_step bench_dora_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward bench_qlora_step quant_figures
+# another on a quiet machine (about 11 minutes on 2 idle cores before the quantization and serving benchmarks
+# were added; the whole run has not been timed since). Logs and the JSON lines go to runs/bench/.
+BENCHMARKS := bench_train_step bench_dora_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward bench_qlora_step quant_figures serve_load
 bench: $(STAMP)
 	mkdir -p runs/bench
 	set -o pipefail; for b in $(BENCHMARKS); do \
