@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def merge_adapter(adapter: str | Path, out_dir: str | Path, *, model: str | None = None, dtype: str = "float32",
-                  force: bool = False, merge_path: str | None = None) -> Path:
+                  force: bool = False) -> Path:
     """Load `adapter` on its base (or on `model`), merge it and write the merged model to `out_dir`, in `dtype`
     (float32, bfloat16 or float16; ΔW is added in fp32 and rounded once), with the tokenizer, the task's label
     names and a model card.
@@ -32,17 +32,18 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, *, model: str | None
     `out_dir` must be new or empty, or an earlier merged model that `force` replaces; it may not be, contain or
     lie inside the adapter or the base model directory. Checked before the model loads; raises LorakitError.
 
-    An adapter trained on a quantized base needs `merge_path` (see `lorakit.quant_merge`); this function then
-    delegates to `lorakit.quant_merge.merge_quantized_adapter` and returns its directory.
+    An adapter trained on a quantized base is refused: it needs a named merge path
+    (`lorakit.quant_merge.merge_quantized_adapter`, `lorakit merge --merge-path`).
     """
     from lorakit.inference import load_for_inference
-    from lorakit.quant_merge import adapter_quantization, merge_quantized_adapter
-
+    from lorakit.io import adapter_quantization
 
     if dtype not in DTYPES:
         raise LorakitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if merge_path is not None or adapter_quantization(adapter) is not None:
-        return merge_quantized_adapter(adapter, out_dir, merge_path, model=model, dtype=dtype, force=force)[0]
+    kind = adapter_quantization(adapter)
+    if kind is not None:
+        raise LorakitError(f"{adapter} was trained on a {kind} base; name the merge path with --merge-path "
+                           "(dequantized | requantized | original; see docs/quantization.md)")
     inputs = [adapter] + ([model] if model else [])
     claim_output_dir(out_dir, kind=MERGED_KIND, force=force, inputs=inputs)
     loaded = load_for_inference(model, adapter)

@@ -367,3 +367,9 @@ def factor_ranks(tensors: dict[str, Tensor]) -> dict[str, int]:
             if name.endswith(leaf):
                 ranks[name.removesuffix(leaf)] = int(tensor.shape[0])
     return ranks
+
+
+def adapter_quantization(adapter: str | Path) -> str | None:
+    """The quantization (nf4, int8) of the base an adapter was trained on, from its header; None if dense."""
+    kind = read_adapter(adapter)[2].get(QUANTIZATION_KEY)
+    return kind or None

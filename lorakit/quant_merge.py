@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from lorakit import quant
 from lorakit.errors import LorakitError, MergeStateError
 from lorakit.inject import adapter_state
+from lorakit.io import adapter_quantization
 from lorakit.layers import lora_modules
 from lorakit.merge import delta_weight, is_merged
 
@@ -147,14 +148,6 @@ def merge_quantized(model: nn.Module, path: str, *, original: nn.Module | None =
 
 PROBE_TEXTS = ("The capital of France is Paris.", "A quiet film that rewards patience.",
                "Write a short poem about the sea.", "def add(a, b):\n    return a + b")
-
-
-def adapter_quantization(adapter: str | Path) -> str | None:
-    """The quantization (nf4, int8) of the base an adapter was trained on, from its header; None if dense."""
-    from lorakit.io import QUANTIZATION_KEY, read_adapter
-
-    kind = read_adapter(adapter)[2].get(QUANTIZATION_KEY)
-    return kind or None
 
 
 def probe_batch(tokenizer: PreTrainedTokenizerBase) -> dict[str, Tensor]:

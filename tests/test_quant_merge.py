@@ -120,7 +120,8 @@ def test_cli_merge_path_writes_the_model_its_path_promises(path, nf4_adapter, tm
 
     from lorakit.cli import main
     from lorakit.inference import load_for_inference
-    from lorakit.quant_merge import adapter_quantization, probe_batch
+    from lorakit.io import adapter_quantization
+    from lorakit.quant_merge import probe_batch
 
     assert adapter_quantization(nf4_adapter) == "nf4"
     assert main(["merge", "--adapter", str(nf4_adapter), "--out", str(tmp_path / "m"), "--merge-path", path]) == 0
