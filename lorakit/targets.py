@@ -28,6 +28,8 @@ PRESETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    # DINOv2 (transformers 5 names): attention projections and the MLP; not the patch embedding (a Conv2d).
+    "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"],
     "all-linear": [],  # every nn.Linear / Conv1D but the output head; resolved against the model
 }
 
