@@ -1,0 +1,127 @@
+"""The Whisper transcription task on a tiny random Whisper: prompt and labels, greedy decoding, WER, manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_whisper import tiny_whisper, whisper_tokenizer, write_manifest, write_tone
+
+from lorakit import LoraConfig, inject
+from lorakit.errors import LorakitError
+from lorakit.lm_loss import IGNORE
+from lorakit.train.tasks import make_task, task_from_state
+from lorakit.train.tasks.transcription import Transcription, greedy_decode, word_error_rates
+
+
+@pytest.fixture(scope="module")
+def task() -> Transcription:
+    return Transcription(whisper_tokenizer(), max_length=16)
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> list[dict]:
+    (tmp_path / "clips").mkdir()
+    rows = [{"audio": "clips/a.wav", "text": "Turn on the light."}, {"audio": "clips/b.wav", "text": "Call mum."}]
+    write_tone(tmp_path / "clips" / "a.wav", rate=22050)
+    write_tone(tmp_path / "clips" / "b.wav", rate=16000, seconds=0.3)
+    return rows
+
+
+def _checked(task: Transcription, records: list[dict], tmp_path: Path) -> list[dict]:
+    task.check_records(records, str(write_manifest(tmp_path, records)))
+    return records
+
+
+def test_ids_are_whisper_s_prompt_then_the_spaced_transcript_then_end_of_text(task: Transcription,
+                                                                              records: list[dict],
+                                                                              tmp_path: Path) -> None:
+    ids = task.encode(_checked(task, records, tmp_path))[0]["ids"]
+    tokenizer = task.tokenizer
+    assert ids[:2] == tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tokenizer.decode(ids[2:-1]) == " Turn on the light."
+
+
+def test_labels_are_the_decoder_inputs_shifted_with_the_prompt_masked(task: Transcription, records: list[dict],
+                                                                      tmp_path: Path) -> None:
+    features = task.encode(_checked(task, records, tmp_path))
+    batch = task.collate(features)
+    ids = features[0]["ids"]
+    assert batch["input_features"].shape == (2, 80, 3000)
+    assert batch["decoder_input_ids"][0, :len(ids) - 1].tolist() == ids[:-1]
+    labels = batch["labels"][0].tolist()
+    assert labels[0] == IGNORE and labels[1:len(ids) - 1] == ids[2:]
+    assert labels[len(ids) - 1:] == [IGNORE] * (len(labels) - len(ids) + 1)  # padding
+
+
+def test_relative_audio_paths_are_taken_from_the_manifest_s_directory(task: Transcription, records: list[dict],
+                                                                      tmp_path: Path) -> None:
+    checked = _checked(task, records, tmp_path)
+    assert checked[0]["audio"] == str(tmp_path / "clips" / "a.wav")
+
+
+def test_a_row_naming_a_missing_file_is_refused_naming_the_manifest_and_row(task: Transcription,
+                                                                            records: list[dict],
+                                                                            tmp_path: Path) -> None:
+    records[1]["audio"] = "clips/gone.wav"
+    with pytest.raises(LorakitError, match=r"train.jsonl row 2: audio file .*gone.wav does not exist"):
+        _checked(task, records, tmp_path)
+
+
+def test_a_row_without_a_transcript_is_refused(task: Transcription, records: list[dict], tmp_path: Path) -> None:
+    records[0]["text"] = " "
+    with pytest.raises(LorakitError, match="row 1 has an empty or non-text"):
+        _checked(task, records, tmp_path)
+
+
+def test_greedy_decoding_with_the_cache_equals_decoding_without_it(task: Transcription) -> None:
+    model = tiny_whisper(seed=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        encoded = model.get_encoder()(torch.randn(2, 80, 3000)).last_hidden_state
+        cached = greedy_decode(model, encoded, task.prefix, task.eot, 10)
+        tokens = torch.tensor([task.prefix] * 2)
+        for _ in range(10 - len(task.prefix)):  # every step over the whole sequence, no cache
+            logits = model(encoder_outputs=(encoded,), decoder_input_ids=tokens).logits[:, -1, :task.eot + 1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    expected = [[t for t in row[len(task.prefix):]] for row in tokens.tolist()]
+    for row, want in zip(cached, expected, strict=True):
+        cut = want.index(task.eot) if task.eot in want else len(want)
+        assert row == want[:cut]
+
+
+def test_word_error_rate_counts_substitutions_over_reference_words() -> None:
+    scores = word_error_rates(["turn off the light", "call mum"], ["turn on the light", "call mum"])
+    assert scores["wer"] == pytest.approx(1 / 6) and scores["exact"] == 0.5
+
+
+def test_the_normaliser_makes_number_words_and_digits_the_same(task: Transcription) -> None:
+    assert task.normalizer("Set a timer for twenty five minutes.") == task.normalizer("set a timer for 25 minutes")
+
+
+def test_evaluate_reports_wer_cer_exact_and_loss(task: Transcription, records: list[dict], tmp_path: Path) -> None:
+    scores = task.evaluate(tiny_whisper(), task.encode(_checked(task, records, tmp_path)), batch_size=2)
+    assert set(scores) == {"wer", "cer", "exact", "loss"}
+    assert scores["wer"] >= 0.5 and scores["loss"] > 0  # a random model does not transcribe
+
+
+def test_lora_steps_on_the_decoder_lower_the_loss(task: Transcription, records: list[dict], tmp_path: Path) -> None:
+    model = tiny_whisper()
+    inject(model, LoraConfig(rank=4, alpha=8, targets=["model.decoder.*_proj", "model.decoder.*fc1"]))
+    batch = task.collate(task.encode(_checked(task, records, tmp_path)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    first = task.loss(model, batch).item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        task.loss(model, batch).backward()
+        optimizer.step()
+    assert task.loss(model, batch).item() < 0.9 * first
+
+
+def test_the_task_is_registered_and_its_state_rebuilds_it(task: Transcription) -> None:
+    built = make_task("transcription", task.tokenizer, max_length=32)
+    rebuilt = task_from_state(task.tokenizer, built.state())
+    assert isinstance(rebuilt, Transcription) and rebuilt.max_length == 32
