@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lorakit import distributed, sharding
 from lorakit.distributed import World
@@ -262,9 +262,19 @@ def _accumulate(model: nn.Module, task: Task, features: list[Features], batches:
                 raise _NonFiniteLoss(f"loss is {value} at step {pos.step + 1} (epoch {epoch}, batch {index})")
             (loss / optim.grad_accum).backward()
         total += loss.item() / optim.grad_accum
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        tokens += _batch_tokens(batch, task, features, indices)
         pos.epoch, pos.batch = epoch, index + 1
     return total, tokens
+
+
+def _batch_tokens(batch: dict[str, Tensor], task: Task, features: list[Features], indices: Any) -> int:
+    """The batch's tokens for tokens/s: attention-mask ones, else input ids, else (images, clips) the task's own
+    `length` of each example."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return sum(task.length(features[i]) for i in indices)
 
 
 def _check_gradients(model: nn.Module) -> None:

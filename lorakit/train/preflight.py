@@ -14,6 +14,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.train.readers import existing_file
+from lorakit.vision.mnist import is_dataset_name
 
 
 def check_output_dir(path: str | Path) -> None:
@@ -70,7 +71,7 @@ def check_data_files(data: Any) -> None:
     """Raise LorakitError when `data.train` or `data.eval` (a DataSection) names a file that does not exist, before
     any model loads; hub datasets (`hf:`) are left to the reader, parallel text `PREFIX.{SRC,TGT}` checks both files."""
     for path in (data.train, data.eval):
-        if not path or str(path).startswith("hf:"):
+        if not path or str(path).startswith("hf:") or is_dataset_name(str(path)):
             continue
         head, brace, rest = str(path).rpartition("{")
         parallel = data.task == "translation" or data.format == "parallel"

@@ -126,7 +126,9 @@ def _records(task: Task, path: str, format: str | None, articles: list[int] | No
              encoding: str = "utf-8") -> list[dict[str, Any]]:
     """One file's records, columns renamed; a task with `check_records` checks them here, where an error can name
     the file and the record's number in it (before any split, shuffle or limit renumbers them)."""
-    records = map_columns(_read(path, format, articles, encoding), columns, path)
+    reader = getattr(task, "read_records", None)  # a task with data of its own kind (images) reads it itself
+    raw = reader(path) if callable(reader) else _read(path, format, articles, encoding)
+    records = map_columns(raw, columns, path)
     check_labels(records, task.name, path, columns=columns, format=format, encoding=encoding)
     check = getattr(task, "check_records", None)
     if callable(check):
@@ -143,6 +145,8 @@ def _read(path: str, format: str | None, articles: list[int] | None, encoding: s
 
 
 def task_options(config: TrainConfig) -> dict[str, Any]:
+    if config.data.task == "image-classification":
+        return {"labels": config.data.labels, "image_size": config.data.image_size}
     options: dict[str, Any] = {"max_length": config.data.max_length}
     if config.data.task in ("classification", "ner") and config.data.labels is not None:
         options["labels"] = config.data.labels

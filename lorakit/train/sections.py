@@ -43,8 +43,10 @@ class DataSection:
     the working directory first, then from the YAML file's directory; a flag's path only from the working
     directory.
 
-    task: what is learnt: classification, instruction (tuning), ner (a tag per word), qa (extractive) or
-        translation (instruction tuning on parallel text, scored by BLEU and chrF; its format is `parallel`).
+    task: what is learnt: classification, instruction (tuning), ner (a tag per word), qa (extractive),
+        translation (instruction tuning on parallel text, scored by BLEU and chrF; its format is `parallel`) or
+        image-classification (an image model with a new head; train/eval `mnist-5k:train`, `mnist-5k:test` or an
+        MNIST-layout .csv/.csv.gz).
     train: the training data: a .json, .jsonl, .csv, .tsv or .conll file, a directory saved with `datasets`'
         `save_to_disk`, `hf:NAME[:CONFIG]` from the hub, or `PREFIX.{SRC,TGT}` with format `parallel`.
     eval: the evaluation data, written as `train`; null: hold out eval_fraction of train, or evaluate nothing.
@@ -62,6 +64,8 @@ class DataSection:
         distinct values of the training data, sorted.
     train_articles / eval_articles: `[start, stop)` article indices to take from a `squad` file (a split by
         article: no context on both sides).
+    image_size: image-classification: the side images are resized to (square); null: the model's own (224 for
+        EfficientNet-Lite0 and DINOv2).
     """
 
     task: str = "instruction"
@@ -77,6 +81,7 @@ class DataSection:
     labels: list[str] | None = None
     train_articles: list[int] | None = None
     eval_articles: list[int] | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -240,7 +245,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantize": ("nf4", "int8"),
     "model.quantize_init": ("qlora", "qpissa", "loftq"),
-    "data.task": ("classification", "instruction", "ner", "qa", "translation"),
+    "data.task": ("classification", "instruction", "ner", "qa", "translation", "image-classification"),
     "data.format": tuple(FORMATS),
     "lora.init": INIT_METHODS,
     "lora.bias": BIAS_MODES,
@@ -268,6 +273,7 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "data.encoding": ("an encoding Python knows (e.g. utf-8, latin-1, utf-16)", lambda v: check_encoding(v) is None),
     "data.max_length": _at_least(8),
     "data.train_limit": _at_least(1),
+    "data.image_size": _at_least(8),
     "data.eval_limit": _at_least(1),
     "data.eval_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "lora.rank": ("a positive int", lambda v: v >= 1),

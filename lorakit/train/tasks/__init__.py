@@ -15,21 +15,24 @@ from transformers import PreTrainedTokenizerBase
 from lorakit.errors import LorakitError, did_you_mean
 from lorakit.task import Task
 from lorakit.train.tasks.classification import SequenceClassification
+from lorakit.train.tasks.image_classification import ImageClassification
 from lorakit.train.tasks.instruction import InstructionTuning
 from lorakit.train.tasks.ner import TokenClassification
 from lorakit.train.tasks.qa import ExtractiveQA
 
-TaskClass = type[SequenceClassification] | type[InstructionTuning] | type[TokenClassification] | type[ExtractiveQA]
+TaskClass = (type[SequenceClassification] | type[InstructionTuning] | type[TokenClassification] | type[ExtractiveQA]
+             | type[ImageClassification])
 TASKS: dict[str, TaskClass] = {
     "classification": SequenceClassification,
     "instruction": InstructionTuning,
     "ner": TokenClassification,
     "qa": ExtractiveQA,
     "translation": InstructionTuning,  # parallel text as instructions; `lorakit eval` scores its generations
+    "image-classification": ImageClassification,  # an image model's logits: MNIST 5k, CSVs, image files
 }
 
-__all__ = ["TASKS", "ExtractiveQA", "InstructionTuning", "SequenceClassification", "TokenClassification",
-           "make_task", "task_from_state", "task_options"]
+__all__ = ["TASKS", "ExtractiveQA", "ImageClassification", "InstructionTuning", "SequenceClassification",
+           "TokenClassification", "make_task", "task_from_state", "task_options"]
 
 
 def task_options(name: str) -> list[str]:

@@ -146,7 +146,7 @@ def test_classification_state_round_trips(tokenizer: PreTrainedTokenizerBase) ->
 # --- registry ----------------------------------------------------------------------------------------------------
 
 def test_make_task_builds_each_registered_task(tokenizer: PreTrainedTokenizerBase) -> None:
-    assert set(TASKS) == {"classification", "instruction", "ner", "qa", "translation"}
+    assert {"classification", "instruction", "ner", "qa", "translation", "image-classification"} <= set(TASKS)
     task = make_task("classification", tokenizer, text="sentence", labels=["0", "1"])
     assert (task.name, task.metric, task.greater_is_better) == ("classification", "accuracy", True)
     task = make_task("instruction", tokenizer, max_length=64)
@@ -157,7 +157,8 @@ def test_make_task_builds_each_registered_task(tokenizer: PreTrainedTokenizerBas
 
 
 def test_unknown_task_suggests_a_known_one(tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(LorakitError, match=r"unknown task 'clasification' \(did you mean 'classification'\?\); "
+    with pytest.raises(LorakitError, match=r"unknown task 'clasification' \(did you mean 'classification' or "
+                                           r"'image-classification'\?\); "
                                            r"known tasks: classification, instruction"):
         make_task("clasification", tokenizer)
 
