@@ -30,6 +30,9 @@ PRESETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     # DINOv2 (transformers 5 names): attention projections and the MLP; not the patch embedding (a Conv2d).
     "dinov2": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"],
+    # Whisper: self-attention of encoder and decoder, the decoder's cross-attention, and the MLPs; not the
+    # convolutions of the audio stem, the embeddings or the output projection (tied to the token embeddings).
+    "whisper": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "all-linear": [],  # every nn.Linear / Conv1D but the output head; resolved against the model
 }
 
