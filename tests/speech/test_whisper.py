@@ -19,7 +19,9 @@ from lorakit.models import load_model
 from lorakit.speech.ctranslate2_file import read_ct2_file
 from lorakit.speech.whisper import (
     CHECK_SENTENCE,
+    WHISPER_CACHE_NAME,
     check_transcript,
+    convert_whisper,
     espeak_clip,
     whisper_config,
     whisper_state_dict,
@@ -94,6 +96,19 @@ def test_another_spec_is_refused(tmp_path: Path) -> None:
 def test_load_model_refuses_options_whisper_does_not_have(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(LorakitError, match=match):
         load_model("whisper-tiny", **kwargs)
+
+
+def test_incomplete_cache_is_reported_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / WHISPER_CACHE_NAME).mkdir()
+    (tmp_path / WHISPER_CACHE_NAME / "config.json").write_text("{}")
+    with pytest.raises(LorakitError, match=r"lacks generation_config.json, model.safetensors.*delete it to rebuild"):
+        load_model("whisper-tiny", cache_dir=tmp_path)
+
+
+def test_conversion_names_a_missing_wheel_file_and_the_reinstall(tmp_path: Path) -> None:
+    write_whisper_ct2(tiny_whisper(), tmp_path / "model.bin")
+    with pytest.raises(LorakitError, match=r"config.json is missing; reinstall with: pip install"):
+        convert_whisper(tmp_path, tmp_path / "out")
 
 
 # The real model against CTranslate2's numbers (recorded by reference_whisper.py beside this file).
