@@ -10,7 +10,8 @@ three kinds of weight without their names:
   MatMul`), stored as (in, out): we transpose it to `nn.Linear`'s (out, in);
 - the position embedding is split in two: the class token's row (1, 1, 384), fed to a Concat, and the 37 x 37 patch
   grid (1, 1369, 384), fed to the Reshape before the bicubic resize; we concatenate them back to (1, 1370, 384);
-- the mask token (used only for masked-image pretraining inputs) is not in the graph; it is left at zero.
+- the mask token (used only for masked-image pretraining inputs) is not in the graph: the converted model has none
+  (`use_mask_token=False`), so every parameter reaches a classification loss and full fine-tuning trains them all.
 
 The first load converts the graph (~5 s), runs the model check (`REFERENCE_FEATURES`) and writes a safetensors
 cache directory atomically; later loads read the cache.
@@ -59,10 +60,10 @@ REFERENCE_TOLERANCE = 1e-3
 
 def dinov2_config() -> Dinov2Config:
     """DINOv2-small's configuration (facebook/dinov2-small): hidden 384, 12 layers, 6 heads, patch 14, MLP 1536,
-    exact GELU, LayerScale, LayerNorm eps 1e-6, position grid trained at 518 x 518."""
+    exact GELU, LayerScale, LayerNorm eps 1e-6, position grid trained at 518 x 518; no mask token."""
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=_PATCH,
                         image_size=_TRAINED_SIZE, hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0,
-                        qkv_bias=True, use_swiglu_ffn=False, architectures=["Dinov2Model"])
+                        qkv_bias=True, use_swiglu_ffn=False, use_mask_token=False, architectures=["Dinov2Model"])
 
 
 def image_processor(image_size: int = 224) -> BitImageProcessorPil:
@@ -165,7 +166,6 @@ def backbone_state_dict(graph: str | Path) -> dict[str, np.ndarray]:
     proto = onnx.load(str(graph))
     arrays = {t.name: numpy_helper.to_array(t).copy() for t in proto.graph.initializer}  # writable
     state = {k.removeprefix("backbone."): v for k, v in arrays.items() if k.startswith("backbone.")}
-    state["embeddings.mask_token"] = np.zeros((1, 384), dtype=np.float32)
     class_pos = patch_pos = None
     for node in proto.graph.node:
         weights = [i for i in node.input if i in arrays and not i.startswith(("backbone.", "decoder."))]

@@ -128,6 +128,15 @@ def test_classification_head_is_a_new_linear_over_cls_and_mean_patch(cache_root:
 
 
 @pytest.mark.integration
+def test_every_parameter_of_the_classifier_gets_a_gradient(cache_root: Path) -> None:
+    # Full fine-tuning trains every parameter: the converted model has no mask token (unused by a classifier).
+    model, _ = load_model("dinov2-small", head="image-classification", num_labels=3, cache_dir=cache_root)
+    logits = model(pixel_values=torch.randn(1, 3, 42, 42, generator=torch.Generator().manual_seed(0))).logits
+    logits.sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.integration
 def test_base_and_auto_heads_give_the_bare_backbone(backbone: nn.Module, cache_root: Path) -> None:
     assert type(backbone) is Dinov2Model
     assert type(load_model("dinov2-small", cache_dir=cache_root)[0]) is Dinov2Model
