@@ -11,6 +11,7 @@ from ct2_models import tiny_whisper
 from torch import nn
 
 from lorakit import LoraConfig, adapter_parameters, inject, save_adapter
+from lorakit.errors import ConfigError
 from lorakit.inject import plan
 from lorakit.models import load_model
 
@@ -65,3 +66,8 @@ def test_lorakit_adapter_on_whisper_loads_in_peft_with_the_same_logits(tmp_path:
     assert relative_error(ours, base) > TOLERANCES["adapter changes output"][0]
     assert relative_error(theirs, ours) <= TOLERANCES[torch.float32][0]
     assert sum(1 for n, _ in loaded.named_modules() if n.endswith("lora_A")) == len(_expected(2, 2))
+
+
+def test_naming_the_tied_output_projection_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'proj_out' shares its weight with 'model.decoder.embed_tokens'"):
+        plan(tiny_whisper(), LoraConfig(rank=2, targets=["proj_out"]))
