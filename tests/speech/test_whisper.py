@@ -16,6 +16,7 @@ from transformers import WhisperForConditionalGeneration
 
 from lorakit.errors import LorakitError
 from lorakit.models import load_model
+from lorakit.speech import whisper as speech_whisper
 from lorakit.speech.ctranslate2_file import read_ct2_file
 from lorakit.speech.whisper import (
     CHECK_SENTENCE,
@@ -168,6 +169,17 @@ def test_loaded_whisper_is_tiny_en(whisper: tuple[Any, Any]) -> None:
     assert len(processor.tokenizer) == 51864
     assert processor.tokenizer.convert_ids_to_tokens([50257, 50362, 51863]) == [
         "<|startoftranscript|>", "<|notimestamps|>", "<|30.00|>"]
+
+
+@pytest.mark.integration
+def test_later_loads_read_the_cache_without_converting(whisper: tuple[Any, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(speech_whisper, "convert_whisper", refuse)
+    model, _ = load_model("whisper-tiny")  # the module fixture built the default cache
+    assert model.config._name_or_path == "whisper-tiny"
 
 
 @pytest.mark.integration
