@@ -146,6 +146,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speech_data(args: argparse.Namespace) -> int:
+    from lorakit.speech.clips import generate_speech_commands
+
+    manifests = generate_speech_commands(args.out, train=args.train, eval=args.eval, seed=args.seed,
+                                         noise_snr_db=args.noise_snr_db, force=args.force)
+    print(json_line({split: str(path) for split, path in manifests.items()}))
+    return 0
+
+
 def _quiet_transformers() -> None:
     """transformers reports every newly initialised head and loading bar on stderr; keep the CLI's output ours."""
     import transformers
@@ -162,6 +171,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
     "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
+    "speech-data": ("synthesise the spoken-command data set with espeak-ng (held-out voices unseen in training); "
+                    "writes wav clips and train/eval manifests", cmd_speech_data),
     **TOOL_COMMANDS,
 }
 
@@ -230,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["demo"].add_argument("--out", default="runs/demo", help="where the adapter and merged model go")
     parsers["demo"].add_argument("--quiet", action="store_true", help="no progress bar")
     parsers["demo"].add_argument("--force", action="store_true", help="replace an earlier demo's files at --out")
+    parsers["speech-data"].add_argument("--out", required=True, help="directory for the clips and manifests (new "
+                                        "or empty)")
+    parsers["speech-data"].add_argument("--train", type=int, default=240, help="training clips")
+    parsers["speech-data"].add_argument("--eval", type=int, default=80, help="held-out clips (voices not in training)")
+    parsers["speech-data"].add_argument("--seed", type=int, default=0, help="fixes every clip's text, voice, speed, "
+                                        "pitch and noise")
+    parsers["speech-data"].add_argument("--noise-snr-db", type=float, help="add seeded white noise at this "
+                                        "signal-to-noise ratio (dB); default: none")
+    parsers["speech-data"].add_argument("--force", action="store_true", help="replace an earlier data set at --out")
     add_tool_flags(parsers)
     return parser
 

@@ -32,7 +32,8 @@ DEFAULT_MODEL = "smollm2"
 # The model head each training task trains (`data.task` -> `load_model(head=...)`).
 HEAD_FOR_TASK: dict[str, str] = {"classification": "sequence-classification", "instruction": "causal-lm",
                                  "translation": "causal-lm", "image-classification": "image-classification",
-                                 "ner": "token-classification", "qa": "question-answering"}
+                                 "ner": "token-classification", "qa": "question-answering",
+                                 "transcription": "speech-seq2seq"}
 _LABELLED_HEADS = ("sequence-classification", "token-classification")
 
 

@@ -28,6 +28,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
     AutoModelForTokenClassification,
     AutoTokenizer,
     LlamaConfig,
@@ -77,6 +78,7 @@ _AUTO_CLASSES: dict[str, Any] = {
     "token-classification": AutoModelForTokenClassification,
     "question-answering": AutoModelForQuestionAnswering,
     "base": AutoModel,
+    "speech-seq2seq": AutoModelForSpeechSeq2Seq,  # Whisper: audio encoder, text decoder
 }
 HEADS: tuple[str, ...] = ("auto", *_AUTO_CLASSES)
 _LABELLED_HEADS = ("sequence-classification", "token-classification")
@@ -186,6 +188,8 @@ def _load_own(name: str, *, head: str, num_labels: int | None, dtype: torch.dtyp
 
 def resolve_head(config: PretrainedConfig) -> str:
     """The head `head="auto"` picks for `config`: the checkpoint's own head, else causal-lm or base."""
+    if getattr(config, "model_type", "") == "whisper":
+        return "speech-seq2seq"
     if not getattr(config, "is_encoder_decoder", False):
         for arch in getattr(config, "architectures", None) or []:
             for suffix, head in _HEAD_SUFFIXES.items():

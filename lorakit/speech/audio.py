@@ -64,7 +64,7 @@ def read_wav(path: str | Path, target_rate: int | None = SAMPLE_RATE) -> tuple[n
     usable = len(raw) // (width * channels) * width * channels  # a truncated last frame is dropped
     audio = _pcm_to_float(raw[:usable], width).reshape(-1, channels).mean(axis=1)  # (samples,)
     if target_rate is not None and rate != target_rate:
-        log.info("resampling %s from %d Hz to %d Hz", path, rate, target_rate)
+        log.debug("resampling %s from %d Hz to %d Hz", path, rate, target_rate)
         audio, rate = resample(audio, rate, target_rate), target_rate
     return audio.astype(np.float32), rate
 

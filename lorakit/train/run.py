@@ -159,8 +159,8 @@ def prepare(config: TrainConfig) -> Prepared:
     """Load the base model, build the task, read and encode the data and inject the adapter."""
     torch.manual_seed(config.run.seed)  # the new head's and the adapter's initial weights
     # The tokenizer comes with the bare model: a head loaded here would draw its random init from the seeded RNG.
-    text_only = HEAD_FOR_TASK[config.data.task] == "causal-lm"
-    _, tokenizer = load_model(config.model.name, head="causal-lm" if text_only else "base")
+    head = HEAD_FOR_TASK[config.data.task]  # a causal LM's or Whisper's tokenizer comes with that head's model
+    _, tokenizer = load_model(config.model.name, head=head if head in ("causal-lm", "speech-seq2seq") else "base")
     task = make_task(config.data.task, tokenizer, **task_options(config))
     train_records, eval_records = load_data(config, task)
     num_labels = None

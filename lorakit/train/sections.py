@@ -46,7 +46,8 @@ class DataSection:
     task: what is learnt: classification, instruction (tuning), ner (a tag per word), qa (extractive),
         translation (instruction tuning on parallel text, scored by BLEU and chrF; its format is `parallel`) or
         image-classification (an image model with a new head; train/eval `mnist-5k:train`, `mnist-5k:test` or an
-        MNIST-layout .csv/.csv.gz).
+        MNIST-layout .csv/.csv.gz), or transcription (speech to text with Whisper, scored by word error rate: a
+        .jsonl or .csv manifest of wav paths in `audio`, relative to the manifest, and transcripts in `text`).
     train: the training data: a .json, .jsonl, .csv, .tsv or .conll file, a directory saved with `datasets`'
         `save_to_disk`, `hf:NAME[:CONFIG]` from the hub, or `PREFIX.{SRC,TGT}` with format `parallel`.
     eval: the evaluation data, written as `train`; null: hold out eval_fraction of train, or evaluate nothing.
@@ -245,7 +246,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantize": ("nf4", "int8"),
     "model.quantize_init": ("qlora", "qpissa", "loftq"),
-    "data.task": ("classification", "instruction", "ner", "qa", "translation", "image-classification"),
+    "data.task": ("classification", "instruction", "ner", "qa", "translation", "image-classification",
+                  "transcription"),
     "data.format": tuple(FORMATS),
     "lora.init": INIT_METHODS,
     "lora.bias": BIAS_MODES,

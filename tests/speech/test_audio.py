@@ -41,7 +41,7 @@ def test_read_wav_keeps_the_file_rate_when_target_rate_is_none(tmp_path: Path) -
 
 
 def test_read_wav_logs_that_it_resampled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="lorakit.speech.audio"):
+    with caplog.at_level("DEBUG", logger="lorakit.speech.audio"):
         read_wav(write_tone(tmp_path / "a.wav", rate=44100))
     assert "from 44100 Hz to 16000 Hz" in caplog.text
 

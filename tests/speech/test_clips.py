@@ -110,3 +110,14 @@ def test_its_own_data_set_is_replaced_only_with_force(tmp_path: Path) -> None:
         generate_speech_commands(tmp_path / "ds", train=1, eval=1)
     generate_speech_commands(tmp_path / "ds", train=1, eval=1, force=True)
     assert sorted(p.name for p in (tmp_path / "ds" / "clips").iterdir()) == ["eval-00000.wav", "train-00000.wav"]
+
+
+@needs_espeak
+def test_the_speech_data_command_writes_the_set_and_prints_the_manifests(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import main
+
+    assert main(["speech-data", "--out", str(tmp_path / "ds"), "--train", "2", "--eval", "1", "--seed", "7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {"train": str(tmp_path / "ds" / "train.jsonl"), "eval": str(tmp_path / "ds" / "eval.jsonl")}
+    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["seed"] == 7

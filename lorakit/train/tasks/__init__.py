@@ -19,20 +19,22 @@ from lorakit.train.tasks.image_classification import ImageClassification
 from lorakit.train.tasks.instruction import InstructionTuning
 from lorakit.train.tasks.ner import TokenClassification
 from lorakit.train.tasks.qa import ExtractiveQA
+from lorakit.train.tasks.transcription import Transcription
 
 TaskClass = (type[SequenceClassification] | type[InstructionTuning] | type[TokenClassification] | type[ExtractiveQA]
-             | type[ImageClassification])
+             | type[Transcription] | type[ImageClassification])
 TASKS: dict[str, TaskClass] = {
     "classification": SequenceClassification,
     "instruction": InstructionTuning,
     "ner": TokenClassification,
     "qa": ExtractiveQA,
     "translation": InstructionTuning,  # parallel text as instructions; `lorakit eval` scores its generations
+    "transcription": Transcription,  # speech to text with Whisper: wav manifests, word error rate
     "image-classification": ImageClassification,  # an image model's logits: MNIST 5k, CSVs, image files
 }
 
 __all__ = ["TASKS", "ExtractiveQA", "ImageClassification", "InstructionTuning", "SequenceClassification",
-           "TokenClassification", "make_task", "task_from_state", "task_options"]
+           "TokenClassification", "Transcription", "make_task", "task_from_state", "task_options"]
 
 
 def task_options(name: str) -> list[str]:

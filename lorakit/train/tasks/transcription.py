@@ -33,7 +33,7 @@ from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 from lorakit.errors import LorakitError
 from lorakit.lm_loss import IGNORE
 from lorakit.progress import progress
-from lorakit.speech.audio import check_wav, log_mel, read_wav
+from lorakit.speech.audio import SAMPLE_RATE, check_wav, log_mel, read_wav, resample
 from lorakit.task import Batch, Features
 from lorakit.train.data import chunks, move_batch, pad
 
@@ -105,16 +105,23 @@ class Transcription:
         """-> {"audio": 16 kHz float32 waveform, "ids": prompt + transcript + end-of-text token ids}, cut to
         max_length. Raises LorakitError naming the record for a missing field or an unreadable clip."""
         features: list[Features] = []
+        rates: dict[int, int] = {}
         for i, record in enumerate(records):
             text = self._transcript(record, f"record {i}")
             path = record.get(self.audio)
             if not isinstance(path, str):
                 raise LorakitError(f"record {i} has no audio path in field {self.audio!r}")
-            audio, _ = read_wav(path)
+            audio, rate = read_wav(path, target_rate=None)
+            rates[rate] = rates.get(rate, 0) + 1
+            audio = resample(audio, rate, SAMPLE_RATE)
             if len(audio) > self.extractor.n_samples:
                 raise LorakitError(f"record {i}: {path} lasts {len(audio) / 16000:.1f} s; Whisper hears at most 30 s")
             ids = self.prefix + self.tokenizer.encode(" " + text, add_special_tokens=False) + [self.eot]
             features.append({"audio": audio, "ids": ids[:self.max_length], "text": text})
+        other = {rate: n for rate, n in rates.items() if rate != SAMPLE_RATE}
+        if other:
+            log.info("resampled %d of %d clips to %d Hz (from %s)", sum(other.values()), len(records), SAMPLE_RATE,
+                     ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(other.items())))
         return features
 
     def collate(self, features: list[Features]) -> Batch:

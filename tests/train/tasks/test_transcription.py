@@ -125,3 +125,35 @@ def test_the_task_is_registered_and_its_state_rebuilds_it(task: Transcription) -
     built = make_task("transcription", task.tokenizer, max_length=32)
     rebuilt = task_from_state(task.tokenizer, built.state())
     assert isinstance(rebuilt, Transcription) and rebuilt.max_length == 32
+
+
+def test_encode_resamples_other_rates_and_says_so(task: Transcription, records: list[dict], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="lorakit.train.tasks.transcription"):
+        features = task.encode(_checked(task, records, tmp_path))
+    assert len(features[0]["audio"]) == 8000  # 0.5 s at 22,050 Hz, now at 16 kHz
+    assert "resampled 1 of 2 clips to 16000 Hz (from 1 at 22050 Hz)" in caplog.text
+
+
+def test_train_then_eval_a_whisper_directory_from_a_config(records: list[dict], tmp_path: Path) -> None:
+    """The trainer's path end to end on a tiny Whisper saved to disk: train records WER, and `lorakit eval` scores
+    the base (zero-shot: Whisper's own head) and the adapter on the same clips."""
+    from lorakit.train.config import build_train_config
+    from lorakit.train.evaluate import evaluate_from_config
+    from lorakit.train.run import train_from_config
+
+    model_dir = tmp_path / "whisper"
+    tiny_whisper().save_pretrained(model_dir)
+    whisper_tokenizer().save_pretrained(model_dir)
+    manifest = write_manifest(tmp_path, records)
+    config = build_train_config({
+        "model": {"name": str(model_dir)},
+        "data": {"task": "transcription", "train": str(manifest), "eval": str(manifest), "max_length": 12},
+        "lora": {"rank": 2, "alpha": 4, "targets": ["model.decoder.*_proj"]},
+        "optim": {"batch_size": 2, "max_steps": 2}, "run": {"out_dir": str(tmp_path / "run")}})
+    summary = train_from_config(config)
+    assert summary.metric == "wer" and summary.value is not None and summary.task == "transcription"
+    base = evaluate_from_config(config)
+    adapted = evaluate_from_config(config, adapter=summary.adapter_dir)
+    assert base.method == "base" and adapted.method == "lora" and base.metric == "wer"
+    assert adapted.metrics["wer"] == pytest.approx(summary.value)
