@@ -12,17 +12,20 @@ B: (fan_out, rank), so that one function (`lorakit.merge.delta_weight`) computes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lorakit import dora as dora_math
 from lorakit import quant
-from lorakit.errors import MergeStateError
+from lorakit.errors import LorakitError, MergeStateError
 from lorakit.fused import lora_linear
+from lorakit.quant_fused import quant_lora_linear
 
 
 @runtime_checkable
@@ -145,6 +148,9 @@ class LoraLinear(nn.Module):
         if (not self.quantized and not self.fan_in_fan_out and (self._no_dropout or not self.training)
                 and x.dtype == weight.dtype == a.dtype == b.dtype and not torch.is_autocast_enabled(x.device.type)):
             return lora_linear(x, weight, self.bias, a, b, scaling)
+        if (self.quantized and (self._no_dropout or not self.training) and x.dtype == a.dtype == b.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            return quant_lora_linear(x, weight, self.bias, a, b, scaling)
         out = self.base_forward(x)
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., rank)
         if out.dtype != b.dtype or self.quantized:  # a low-precision base under fp32 factors
@@ -230,32 +236,76 @@ class LoraEmbedding(nn.Module):
                 f"merged={self.merged}")
 
 
+# The forwards of the plain convolution classes: a subclass with any other forward (padding of its own, as
+# EfficientNet's `Conv2dStaticSamePadding`) is run through that forward.
+_PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+class _ConvFactor(nn.Module):
+    """LoRA's A of a convolution: a weight (rank, in / groups, *kernel) applied by the adapted layer's own
+    convolution (`convolve(x, weight, bias)`: its padding, stride, dilation and groups), so that A sees exactly the
+    input the base weight sees."""
+
+    def __init__(self, weight: nn.Parameter, convolve: Callable[[Tensor, Tensor, Tensor | None], Tensor]):
+        super().__init__()
+        self.weight = weight
+        self.convolve = convolve
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.convolve(x, self.weight, None)
+
+
 class LoraConv(nn.Module):
-    """LoRA on `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` (weight (out, in, *kernel)). A is a convolution with the
-    base's kernel, stride, padding and dilation into `rank` channels; B is a 1x1 convolution back to `out`."""
+    """LoRA on `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d` and their subclasses (weight (out, in / groups, *kernel)).
+
+    A is a convolution with the base's kernel, stride, padding, dilation and groups into `rank` channels; B is a
+    1x1 convolution back to `out` with the same groups (PEFT's layout for B). Group j's outputs thus read only A's
+    j-th block of rank / groups channels, which read only group j's inputs: ΔW has the base weight's shape, one
+    rank-(rank / groups) update per group, and merges exactly. rank must be a multiple of groups (as in PEFT).
+
+    A subclass with a forward of its own (EfficientNet's `Conv2dStaticSamePadding` pads in `forward`) is run
+    through that forward, for the base weight and for A alike (`torch.func.functional_call` with the weight
+    swapped), so its padding is kept: with B = 0 the output is the base layer's, bit for bit.
+    """
 
     def __init__(self, base: nn.Conv1d | nn.Conv2d | nn.Conv3d, rank: int, alpha: float, scaling: float,
                  dropout: float = 0.0, dora: bool = False):
         super().__init__()
+        if rank % base.groups:
+            raise LorakitError(grouped_rank_problem(type(base).__name__, rank, base.groups, base.in_channels,
+                                                    tuple(base.weight.shape[2:])))
         self.weight = base.weight
         self.bias = base.bias
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
-        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.weight.dim() - 2]
+        self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[self.weight.dim() - 2]
+        # Kept out of the module tree (no state-dict keys, no second copy of W): only its forward is borrowed.
+        self.__dict__["_own_forward"] = None if type(base).forward in _PLAIN_CONV_FORWARDS else base
+        self.conv = self.convolve  # `lorakit.dora` calls module.conv(x, weight, bias, ...) as F.conv2d
         self.rank, self.alpha, self.scaling, self.strength, self.merged = rank, alpha, scaling, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        conv_cls = type(base)
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-        # Keyword arguments typed Any: the stubs type each class's geometry as fixed-length tuples, `base` as a union.
-        geometry: dict[str, Any] = {"kernel_size": base.kernel_size, "stride": base.stride, "padding": base.padding,
-                                    "dilation": base.dilation}
-        self.lora_A = conv_cls(base.in_channels, rank, **geometry, bias=False, **factory)
-        self.lora_B = conv_cls(rank, base.out_channels, 1, 1, bias=False, **factory)
+        kernel = tuple(self.weight.shape[2:])
+        a = torch.zeros(rank, base.in_channels // self.groups, *kernel, **factory)  # (rank, in / groups, *kernel)
+        self.lora_A = _ConvFactor(nn.Parameter(a), self.convolve)
+        one: Any = (1,) * len(kernel)
+        b_conv: Any = type_of_conv(self.weight.dim())
+        self.lora_B: nn.Conv2d = b_conv(rank, base.out_channels, one, groups=self.groups, bias=False,
+                                        **factory)  # weight (out, rank / groups, 1, ...); typed as one of the three
         self.dora = dora
         _add_magnitude(self, base.out_channels, dora, factory)
         _zero_(self.lora_parameters())
 
+    def convolve(self, x: Tensor, weight: Tensor, bias: Tensor | None, *_: Any) -> Tensor:
+        """The base layer's convolution of `x` with `weight` and `bias` (the base's own forward for a subclass
+        that has one). Extra arguments (stride, padding, ... as F.conv2d takes them) are the layer's and ignored."""
+        own = self.__dict__["_own_forward"]
+        if own is not None:
+            swapped: dict[str, Any] = {"weight": weight, "bias": bias}
+            return cast(Tensor, functional_call(own, swapped, (x,)))
+        return cast(Tensor, self._conv_fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups))
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        out = self.convolve(x, self.weight, self.bias)
         if self.merged:
             _refuse_training_while_merged(self)
             return out
@@ -267,15 +317,24 @@ class LoraConv(nn.Module):
         return out + (self.lora_B(h) * (self.scaling * self.strength)).to(out.dtype)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
+        """A (rank, in / groups · prod(kernel)), a view; B (out, rank), with groups > 1 block-diagonal (group j's
+        outputs use only A's rows of block j), a new tensor, so that ΔW = B @ A still holds."""
+        a, b = self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)  # b: (out, rank / groups)
+        if self.groups == 1:
+            return a, b
+        return a, torch.block_diag(*b.chunk(self.groups, dim=0))  # (out, rank)
 
     def set_factors(self, a: Tensor, b: Tensor) -> None:
+        """Write A (rank, fan_in) and B (out, rank); with groups > 1 only B's diagonal blocks are kept."""
         with torch.no_grad():
             self.lora_A.weight.copy_(a.view_as(self.lora_A.weight))
-            self.lora_B.weight.copy_(b.view_as(self.lora_B.weight))
+            if self.groups > 1:
+                out_g, rank_g = b.shape[0] // self.groups, self.rank // self.groups
+                b = torch.cat([b[j * out_g:(j + 1) * out_g, j * rank_g:(j + 1) * rank_g] for j in range(self.groups)])
+            self.lora_B.weight.copy_(b.reshape(self.lora_B.weight.shape))
 
     def weight_matrix(self) -> Tensor:
-        return self.weight.flatten(1)  # (out, in * prod(kernel))
+        return self.weight.flatten(1)  # (out, in / groups * prod(kernel))
 
     def matrix_to_weight(self, matrix: Tensor) -> Tensor:
         return matrix.view(self.weight.shape)
@@ -285,7 +344,73 @@ class LoraConv(nn.Module):
                 *_magnitude(self)]
 
     def extra_repr(self) -> str:
-        return f"weight={tuple(self.weight.shape)}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
+        return (f"weight={tuple(self.weight.shape)}{groups}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"merged={self.merged}")
+
+
+def type_of_conv(weight_dim: int) -> type[nn.Module]:
+    """The plain convolution class for a weight of `weight_dim` dimensions (out, in, *kernel)."""
+    kinds: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+    return kinds[weight_dim]
+
+
+def grouped_rank_problem(name: str, rank: int, groups: int, in_channels: int, kernel: tuple[int, ...]) -> str:
+    """Why `rank` does not fit a convolution with `groups` groups (rank must be a multiple of groups)."""
+    fan_in = (in_channels // groups) * math.prod(kernel)
+    depthwise = (f"; this is a depthwise convolution (one input channel per group): rank = {groups} gives each "
+                 f"channel a rank-1 update of its {fan_in}-value kernel, with {fan_in + 1} factor values per "
+                 f"channel, more than the kernel itself") if in_channels == groups else ""
+    return (f"rank {rank} for {name}: a grouped convolution (groups={groups}) gets one low-rank update per group, "
+            f"so rank must be a multiple of {groups} (as in PEFT){depthwise}; exclude it from the targets or set its "
+            f"rank with rank_pattern")
+
+
+def grouped_a_to_peft(module: LoraConv, a: Tensor) -> Tensor:
+    """A in PEFT's layout: (rank, in, *kernel), a dense convolution (PEFT builds A without groups) that is zero
+    outside the diagonal blocks, block j reading group j's input channels; with PEFT's grouped B, PEFT computes
+    exactly this module's output."""
+    rank_g, in_g = module.rank // module.groups, a.shape[1]
+    dense = a.new_zeros(a.shape[0], in_g * module.groups, *a.shape[2:])
+    for j in range(module.groups):
+        dense[j * rank_g:(j + 1) * rank_g, j * in_g:(j + 1) * in_g] = a[j * rank_g:(j + 1) * rank_g]
+    return dense
+
+
+def grouped_a_from_peft(module: LoraConv, dense: Tensor, key: str) -> Tensor:
+    """Inverse of `grouped_a_to_peft`; raises LorakitError when the dense A reads across groups (a PEFT adapter
+    trained with groups > 1 has such an A: its update does not fit a grouped weight, and PEFT cannot merge it)."""
+    in_g = module.lora_A.weight.shape[1]
+    rank_g = module.rank // module.groups
+    blocks = [dense[j * rank_g:(j + 1) * rank_g, j * in_g:(j + 1) * in_g] for j in range(module.groups)]
+    a = torch.cat(blocks)
+    if float(dense.float().abs().sum()) != float(a.float().abs().sum()):
+        raise LorakitError(f"{key}: this A reads input channels outside its own group (groups={module.groups}); "
+                           "lorakit's grouped LoRA keeps each group's update inside its group, so that ΔW fits the "
+                           "grouped weight and merges; this adapter's update cannot be expressed that way")
+    return a
+
+
+def peft_layout(modules: dict[str, LoraModule], params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Adapter tensors by state-dict key, with each grouped convolution's A in PEFT's dense layout."""
+    out = dict(params)
+    for name, module in modules.items():
+        key = f"{name}.lora_A.weight"
+        if isinstance(module, LoraConv) and module.groups > 1 and key in out:
+            out[key] = grouped_a_to_peft(module, out[key])
+    return out
+
+
+def lorakit_layout(modules: dict[str, LoraModule], found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `peft_layout`, for a file's tensors; a tensor of another shape is left for the caller's check."""
+    out = dict(found)
+    for name, module in modules.items():
+        key = f"{name}.lora_A.weight"
+        if isinstance(module, LoraConv) and module.groups > 1 and key in out:
+            dense_shape = (module.rank, module.lora_A.weight.shape[1] * module.groups, *module.weight.shape[2:])
+            if tuple(out[key].shape) == dense_shape:
+                out[key] = grouped_a_from_peft(module, out[key], key)
+    return out
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:

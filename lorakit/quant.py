@@ -11,8 +11,10 @@ quantized to 8 bits in blocks of 256 (double quantization), and fp32 (or bf16) L
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
+import threading
 from typing import Any, cast
 
 import torch
@@ -87,6 +89,81 @@ def dequantize(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         return matrix.to(dtype)
 
 
+_KERNEL_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_scratch = threading.local()
+
+
+def dequantize_transient(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`dequantize(weight, dtype)` written into a per-thread scratch buffer, one per (shape, dtype, device), that
+    the next call for the same shape overwrites: for a matmul that consumes the matrix at once, never to be kept.
+
+    A training step dequantizes every projection twice; fresh (out, in) buffers each time cost page faults, and
+    interleaved with the activations that stay alive they fragment the heap so that the step's peak resident
+    memory grows by about the size of the weights quantization saved (measured in docs/quantization.md)."""
+    kind = kind_of(weight)
+    if kind is None:
+        return weight
+    rows, cols = shape(weight)
+    out = _scratch_buffer("matrix", rows * cols, dtype, weight.device).view(rows, cols)
+    with torch.no_grad():
+        if kind == "int8":
+            scb: Tensor = weight.SCB  # type: ignore[attr-defined]
+            torch.mul(weight.data, (scb.float()[:, None] / 127.0).to(dtype), out=out)
+        else:
+            _dequantize_nf4_into(weight, out)
+    return out
+
+
+def _dequantize_nf4_into(weight: Tensor, out: Tensor) -> None:
+    """bitsandbytes' NF4 decoding of `weight` into `out`. Its CPU kernel has no `out=` form, so on the CPU the
+    kernel behind it is called with our buffer (the same arithmetic: equal bit for bit, tested); elsewhere, and
+    wherever that kernel would not run (odd widths, blocks of 2048 and more), bitsandbytes' own function."""
+    lib = bnb()
+    state = weight.quant_state  # type: ignore[attr-defined]
+    rows, cols = out.shape
+    kernel = None
+    if out.device.type == "cpu" and cols % 2 == 0 and state.blocksize < 2048 and out.dtype in _KERNEL_SUFFIX:
+        kernel = getattr(lib.cextension.lib, f"cdequantize_blockwise_cpu_nf4_{_KERNEL_SUFFIX[out.dtype]}", None)
+    if kernel is None:
+        if out.device.type == "cpu":
+            out.copy_(lib.functional.dequantize_4bit(weight.data, state))
+        else:
+            lib.functional.dequantize_4bit(weight.data, state, out=out)
+        return
+    absmax = _block_absmax_transient(state) if state.nested else state.absmax.float()
+    codes = weight.data.view(torch.uint8).reshape(rows, cols // 2)
+    pointer = lib.functional.get_ptr
+    kernel(pointer(codes), pointer(absmax), pointer(out), ctypes.c_longlong(state.blocksize),
+           ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+
+
+def _scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-thread flat buffer of `size` entries, reused by the next call with the same name, size and dtype."""
+    buffers: dict[tuple[Any, ...], Tensor] = getattr(_scratch, "buffers", None) or {}
+    _scratch.buffers = buffers
+    key = (name, size, dtype, device)
+    if key not in buffers:
+        buffers[key] = torch.empty(size, dtype=dtype, device=device)
+    return buffers[key]
+
+
+def _block_absmax_transient(state: Any) -> Tensor:
+    """The fp32 absmax of every NF4 block, decoded from double quantization (its 8-bit codes x the second level's
+    absmax per block of 256, plus the offset) into scratch buffers: bitsandbytes' `dequantize_blockwise`
+    arithmetic (one fp32 product, then the offset), without its fresh buffers."""
+    codes, second = state.absmax, state.state2
+    blocks, block = codes.numel(), second.blocksize
+    index = _scratch_buffer("absmax-index", blocks, torch.int32, codes.device)
+    index.copy_(codes.view(-1))
+    decoded = _scratch_buffer("absmax", blocks, torch.float32, codes.device)
+    torch.index_select(second.code, 0, index, out=decoded)
+    whole = blocks - blocks % block
+    decoded[:whole].view(-1, block).mul_(second.absmax[: whole // block, None])
+    if whole < blocks:
+        decoded[whole:].mul_(second.absmax[whole // block])
+    return decoded.add_(state.offset)
+
+
 def quantize_weight(matrix: Tensor, kind: str) -> nn.Parameter:
     """A frozen bitsandbytes parameter holding `matrix` (out, in) quantized as `kind` (on the CPU)."""
     check_kind(kind)
@@ -149,12 +226,12 @@ class _QuantLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.weight = weight
         ctx.dtype = x.dtype
-        return F.linear(x, dequantize(weight, x.dtype), bias)
+        return F.linear(x, dequantize_transient(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         need_x, _, need_bias = ctx.needs_input_grad
-        grad_x = grad @ dequantize(ctx.weight, grad.dtype) if need_x else None  # (..., in)
+        grad_x = grad @ dequantize_transient(ctx.weight, grad.dtype) if need_x else None  # (..., in)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
         return grad_x, None, grad_bias
 
@@ -164,7 +241,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         out: Tensor = _QuantLinear.apply(x, weight, bias)
         return out
-    return F.linear(x, dequantize(weight, x.dtype), bias)
+    return F.linear(x, dequantize_transient(weight, x.dtype), bias)
 
 
 def _is_dense_lora_linear(module: nn.Module) -> bool:

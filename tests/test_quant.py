@@ -196,3 +196,45 @@ def test_injection_report_shows_base_bytes_stored_and_dense():
     assert report.base_bytes < report.dense_base_bytes and "MiB stored quantized" in str(report)
     assert report.total_params == dense_bytes // 4 + sum(p.numel() for _, m in lora_modules(model)
                                                          for p in m.lora_parameters())
+
+
+@pytest.mark.parametrize("kind, dtype, shape", [
+    ("nf4", torch.float32, (96, 128)),  # fewer blocks than one second-level block of 256
+    ("nf4", torch.float32, (256, 256)),  # whole second-level blocks only
+    ("nf4", torch.float32, (320, 128)),  # whole second-level blocks and a remainder
+    ("nf4", torch.bfloat16, (320, 128)),
+    ("int8", torch.float32, (96, 128))])
+def test_transient_dequantization_equals_bitsandbytes_own_bit_for_bit(kind, dtype, shape):
+    weight = quant.quantize_weight(_weight(shape=shape), kind)
+    expected = (bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype) if kind == "nf4"
+                else quant.dequantize(weight, dtype))
+    assert torch.equal(quant.dequantize_transient(weight, dtype), expected)
+
+
+def test_transient_dequantization_reuses_one_buffer_per_shape():
+    first, second = (quant.quantize_weight(_weight(seed), "nf4") for seed in (1, 2))
+    a = quant.dequantize_transient(first)
+    pointer, values = a.data_ptr(), a.clone()
+    b = quant.dequantize_transient(second)
+    assert b.data_ptr() == pointer  # the same scratch buffer, overwritten
+    assert torch.equal(b, quant.dequantize(second)) and not torch.equal(b, values)
+
+
+def test_transient_dequantization_falls_back_for_an_odd_width():
+    weight = quant.quantize_weight(_weight(shape=(8, 63)), "nf4")  # bitsandbytes' CPU kernel needs an even width
+    assert torch.equal(quant.dequantize_transient(weight), quant.dequantize(weight))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_training_step_saves_no_dense_weight_for_backward(kind):
+    model = _qlora(kind)
+    module = next(m for n, m in lora_modules(model) if n.endswith("down_proj"))
+    with torch.no_grad():
+        module.lora_B.weight.normal_()
+    saved: list[tuple[int, ...]] = []
+    x = torch.randn(3, 5, module.in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = module(x)
+    out.sum().backward()
+    assert saved and (module.out_features, module.in_features) not in saved
+    assert x.grad is not None and module.lora_A.weight.grad is not None

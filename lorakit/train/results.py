@@ -60,12 +60,34 @@ def results_task(config: TrainConfig) -> str:
     return config.data.task
 
 
-def method_label(method: str, init: str, dora: bool) -> str:
-    """The results table's name for a run's method: `lora`, `dora`, `lora-principal`, `dora-principal`, `full`..."""
+def method_label(method: str, init: str, dora: bool, quantize: str | None = None,
+                 quantize_init: str = "qlora") -> str:
+    """The results table's name for a run's method: `lora`, `dora`, `lora-principal`, `dora-principal`, `full`...;
+    on a quantized base `qlora` (NF4), `qlora-int8`, with `-qpissa` / `-loftq` / `-principal` for its init."""
     if method != "lora":
         return method
+    if quantize is not None:
+        name = "qlora" if quantize == "nf4" else f"qlora-{quantize}"
+        if quantize_init != "qlora":
+            return f"{name}-{quantize_init}"
+        return f"{name}-principal" if init == "principal" else name
     name = "dora" if dora else "lora"
     return f"{name}-principal" if init == "principal" else name
+
+
+def saved_method_label(saved: dict[str, Any]) -> str | None:
+    """`method_label` of a run from its saved config (`config.json`'s sections), None when it names no method."""
+    def section(key: str) -> dict[str, Any]:
+        value = saved.get(key)
+        return value if isinstance(value, dict) else {}
+
+    run, lora, model = section("run"), section("lora"), section("model")
+    method = run.get("method")
+    if not isinstance(method, str):
+        return None
+    quantize = model.get("quantize")
+    return method_label(method, str(lora.get("init", "standard")), lora.get("dora") is True,
+                        quantize if isinstance(quantize, str) else None, str(model.get("quantize_init", "qlora")))
 
 
 def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
@@ -77,11 +99,11 @@ def evaluated_method(model_name: str, adapter: str | Path | None) -> str:
     if source.is_dir() and run_config.is_file():
         try:
             saved = json.loads(run_config.read_text())
-            method, init, dora = saved["run"]["method"], saved["lora"]["init"], saved["lora"].get("dora", False)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            method = None
-        if isinstance(method, str):
-            return method_label(method, init, dora is True)
+        except ValueError:
+            saved = None
+        label = saved_method_label(saved) if isinstance(saved, dict) else None
+        if label is not None:
+            return label
     return "adapter" if adapter is not None else "base"
 
 

@@ -280,7 +280,8 @@ def _train(config: TrainConfig, world: World, device: torch.device, *, resume: b
                  world=world, resume=resume, progress=progress, device=device)
     adapter_dir = _publish(prepared, result, out_dir) if world.is_main else out_dir / "adapter"
     curve = plot_loss_curve(result.history, out_dir / "loss.png") if world.is_main else None
-    method = method_label(config.run.method, config.lora.init, config.lora.dora)
+    method = method_label(config.run.method, config.lora.init, config.lora.dora, config.model.quantize,
+                          config.model.quantize_init)
     if config.distill.enabled:
         method += "+distill"
     metric_value = _best_metrics(result, prepared.task.metric)

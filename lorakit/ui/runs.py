@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.train.metrics_log import METRICS_FILE
-from lorakit.train.results import method_label
+from lorakit.train.results import saved_method_label
 from lorakit.ui.launcher import RECORDS, Launcher, read_launch, record_dir
 from lorakit.ui.security import UiSettings
 
@@ -98,14 +98,6 @@ def status(settings: UiSettings, launcher: Launcher, name: str, info: dict[str, 
     return "failed"
 
 
-def _method(run: dict[str, Any], lora: dict[str, Any]) -> str | None:
-    """The results table's name of the run's method (`lora`, `dora`, `lora-principal`, `full`...)."""
-    method = run.get("method")
-    if not isinstance(method, str):
-        return None
-    return method_label(method, str(lora.get("init", "standard")), lora.get("dora") is True)
-
-
 def run_row(settings: UiSettings, launcher: Launcher, name: str) -> dict[str, Any]:
     """One row of the comparison table."""
     out = settings.runs_dir / name
@@ -124,7 +116,7 @@ def run_row(settings: UiSettings, launcher: Launcher, name: str) -> dict[str, An
         "name": name, "status": status(settings, launcher, name, info),
         "task": section("data").get("task") or (info or {}).get("task"),
         "model": section("model").get("name") or (info or {}).get("model"),
-        "method": _method(section("run"), section("lora")) or (info or {}).get("method"),
+        "method": saved_method_label(config) or (info or {}).get("method"),
         "rank": section("lora").get("rank") or (info or {}).get("rank"),
         "trainable_share": share, "metric": metric, "value": value,
         "seconds": summary.get("train_seconds") if summary else (train[-1].get("elapsed_s") if train else None),

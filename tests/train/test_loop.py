@@ -214,10 +214,11 @@ def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path
 
     from lorakit.train.results import evaluated_method
 
-    def run_dir(name: str, method: str, init: str, dora: bool = False) -> Path:
+    def run_dir(name: str, method: str, init: str, dora: bool = False, **model: str) -> Path:
         out = tmp_path / name
         (out / "adapter").mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps({"run": {"method": method}, "lora": {"init": init, "dora": dora}}))
+        (out / "config.json").write_text(json.dumps({"run": {"method": method}, "lora": {"init": init, "dora": dora},
+                                                     "model": model}))
         return out
 
     assert evaluated_method("smollm2", run_dir("a", "lora", "principal") / "adapter") == "lora-principal"
@@ -225,6 +226,12 @@ def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path
     assert evaluated_method("smollm2", run_dir("e", "lora", "principal", dora=True) / "adapter") == "dora-principal"
     assert evaluated_method("smollm2", run_dir("b", "lora", "standard") / "adapter") == "lora"
     assert evaluated_method(str(run_dir("c", "full", "standard") / "adapter"), None) == "full"
+    assert evaluated_method("minilm", run_dir("q", "lora", "standard", quantize="nf4") / "adapter") == "qlora"
+    assert evaluated_method("minilm", run_dir("q8", "lora", "standard", quantize="int8") / "adapter") == "qlora-int8"
+    loftq = run_dir("l", "lora", "standard", quantize="nf4", quantize_init="loftq")
+    assert evaluated_method("minilm", loftq / "adapter") == "qlora-loftq"
+    principal = run_dir("p", "lora", "principal", quantize="nf4", quantize_init="qlora")
+    assert evaluated_method("minilm", principal / "adapter") == "qlora-principal"
     stray = tmp_path / "elsewhere" / "adapter"
     stray.mkdir(parents=True)
     assert evaluated_method("smollm2", stray) == "adapter"
