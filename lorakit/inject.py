@@ -17,7 +17,7 @@ from lorakit import dora, quant
 from lorakit import init as lora_init
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.layers import LORA_MODULE_TYPES, LoraConv, LoraEmbedding, LoraLinear, LoraModule
+from lorakit.layers import LORA_MODULE_TYPES, LoraConv, LoraEmbedding, LoraLinear, LoraModule, grouped_rank_problem
 from lorakit.targets import LINEAR_TYPES, Selection, select_modules
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
     for name in selection.adapted:
         rank = config.rank_for(name)
         fan_in, fan_out = fan_in_out(modules[name])
-        if rank > min(fan_in, fan_out):
+        if _groups(modules[name]) > 1:
+            problems += _grouped_conv_problems(name, modules[name], rank, config)
+        elif rank > min(fan_in, fan_out):
             problems.append(f"rank {rank} for {name!r} exceeds min(fan_in, fan_out) = min({fan_in}, {fan_out}); "
                             f"use rank <= {min(fan_in, fan_out)} (rank_pattern can lower it for this module)")
         if config.init == "principal" and isinstance(modules[name], nn.Embedding):
@@ -98,6 +100,29 @@ def _plan(model: nn.Module, config: LoraConfig) -> tuple[Selection, dict[str, nn
     if problems:
         raise ConfigError(problems)
     return selection, modules
+
+
+def _groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else 1
+
+
+def _grouped_conv_problems(name: str, module: nn.Module, rank: int, config: LoraConfig) -> list[str]:
+    """A grouped convolution takes rank / groups per group (`LoraConv`): rank a multiple of groups, at most the
+    group's own fan-in and fan-out per group, and one standard init (a principal init would need an SVD per group)."""
+    conv = cast(nn.Conv2d, module)
+    groups, kernel = conv.groups, tuple(conv.weight.shape[2:])
+    if rank % groups:
+        return [grouped_rank_problem(repr(name), rank, groups, conv.in_channels, kernel)]
+    problems = []
+    fan_in, fan_out = int(conv.weight[0].numel()), conv.out_channels // groups
+    if rank // groups > min(fan_in, fan_out):
+        problems.append(f"rank {rank} for {name!r} gives each of its {groups} groups rank {rank // groups}, more than "
+                        f"min(fan_in, fan_out) = min({fan_in}, {fan_out}) of a group; use rank <= "
+                        f"{groups * min(fan_in, fan_out)}")
+    if config.init == "principal":
+        problems.append(f"init 'principal' takes one SVD of the whole weight; {name!r} is a grouped convolution "
+                        f"(groups={groups}), whose update is one block per group: exclude it or use init 'standard'")
+    return problems
 
 
 def fan_in_out(module: nn.Module) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from lorakit.inject import (
     injection_report,
     subtract_principal,
 )
-from lorakit.layers import LoraModule, lora_modules
+from lorakit.layers import LoraModule, lora_modules, lorakit_layout, peft_layout
 from lorakit.peft_format import CONFIG_NAME, config_from_peft, from_peft_key, peft_config, to_peft_key
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, convert_principal: bool 
     state = adapter_state(model)
     config = state.config
     targets = set(state.adapted)
-    tensors = {to_peft_key(k, targets): p.detach().cpu().clone().contiguous()
-               for k, p in adapter_parameters(model).items()}
+    params = {k: p.detach().cpu().clone().contiguous() for k, p in adapter_parameters(model).items()}
+    tensors = {to_peft_key(k, targets): v for k, v in peft_layout(dict(lora_modules(model)), params).items()}
     if convert_principal:
         if config.init != "principal":
             raise LorakitError(f"convert_principal applies to init 'principal' adapters; this one is {config.init!r}")
@@ -217,7 +217,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, allow_base_mismatch: boo
     config = config_from_peft(raw_config, str(Path(path) / CONFIG_NAME))
     built = _build_for(model, config, metadata, path)
     selection, modules = built.selection, built.modules
-    found = {from_peft_key(k): v for k, v in tensors.items()}
+    found = lorakit_layout(built.lora, {from_peft_key(k): v for k, v in tensors.items()})
     # PEFT saves the whole table of an adapted embedding by default (`save_embedding_layers`, for resized
     # vocabularies); the key is optional and, as in PEFT, the saved table replaces the base's on load.
     tables = {f"{n}.weight": cast(nn.Parameter, modules[n].weight) for n in selection.adapted
@@ -319,7 +319,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     """Copy the weights of the adapter at `path` into a model that already carries the same adapter (resuming a
     run). Strict: the file's keys and shapes must equal the model's adapter parameters."""
     _, tensors, _ = read_adapter(path)
-    found = {from_peft_key(k): v for k, v in tensors.items()}
+    found = lorakit_layout(dict(lora_modules(model)), {from_peft_key(k): v for k, v in tensors.items()})
     params = adapter_parameters(model)
     _check_fit(path, found, {k: tuple(p.shape) for k, p in params.items()})
     with torch.no_grad():

@@ -187,10 +187,9 @@ def _structural_problems(model: nn.Module, modules: dict[str, nn.Module], target
             )
     for name in targets:
         module = modules[name]
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (
-            module.groups != 1 or module.padding_mode != "zeros"
-        ):
-            problems.append(f"{name!r}: LoRA supports convolutions with groups=1 and zero padding only")
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.padding_mode != "zeros":
+            problems.append(f"{name!r}: LoRA supports convolutions with zero padding only (padding_mode "
+                            f"{module.padding_mode!r})")
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             problems.append(f"{name!r}: LoRA does not support embeddings with max_norm (they renormalise W in place)")
         inside = [s for s in saved if name == s or name.startswith(s + ".")]
