@@ -146,6 +146,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from lorakit.vision.classify import classify_images
+
+    for prediction in classify_images(args.images, model=args.model, adapter=args.adapter, top=args.top):
+        print(json_line({"image": prediction.path, "top": [[label, round(p, 4)] for label, p in prediction.top]}))
+    return 0
+
+
 def cmd_speech_data(args: argparse.Namespace) -> int:
     from lorakit.speech.clips import generate_speech_commands
 
@@ -171,6 +179,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "chat": ("chat with a model on standard input, with or without an adapter", cmd_chat),
     "inspect": ("describe an adapter directory: base, targets, ranks, sizes", cmd_inspect),
     "demo": ("the main job: LoRA on the bundled SmolLM2, base vs adapted accuracy, merge check", cmd_demo),
+    "classify": ("classify image files with a vision base (efficientnet-lite0, dinov2-small) and an optional "
+                 "image-classification adapter; one JSON line per image", cmd_classify),
     "speech-data": ("synthesise the spoken-command data set with espeak-ng (held-out voices unseen in training); "
                     "writes wav clips and train/eval manifests", cmd_speech_data),
     **TOOL_COMMANDS,
@@ -250,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["speech-data"].add_argument("--noise-snr-db", type=float, help="add seeded white noise at this "
                                         "signal-to-noise ratio (dB); default: none")
     parsers["speech-data"].add_argument("--force", action="store_true", help="replace an earlier data set at --out")
+    parsers["classify"].add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; grayscale is converted "
+                                     "to RGB)")
+    parsers["classify"].add_argument("--model", help="the vision base (default: the adapter's, else "
+                                     "efficientnet-lite0)")
+    parsers["classify"].add_argument("--adapter", help="an image-classification adapter directory (its task.json "
+                                     "gives the labels and image size)")
+    parsers["classify"].add_argument("--top", type=int, default=5, help="labels to print per image")
     add_tool_flags(parsers)
     return parser
 

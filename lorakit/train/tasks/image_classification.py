@@ -106,6 +106,11 @@ class ImageClassification:
             features.append({"image": self._pixels(record, i), "label": index[label]})
         return features
 
+    def pixel_values(self, images: list[Any]) -> Tensor:
+        """(N, 3, image_size, image_size) model input for images as records hold them (arrays or file paths)."""
+        features = [{"image": self._pixels({self.image: image}, i), "label": 0} for i, image in enumerate(images)]
+        return self.collate(features)["pixel_values"]
+
     def collate(self, features: list[Features]) -> Batch:
         """-> pixel_values (B, 3, image_size, image_size) float32, labels (B,)."""
         images = [f["image"] for f in features]
