@@ -100,3 +100,17 @@ def test_training_with_loftq_init_saves_a_principal_adapter_on_nf4(tmp_path, tin
     assert main([*argv, "--quiet"]) == 0
     info = inspect_adapter(tmp_path / "run" / "adapter")
     assert info["quantization"] == "nf4" and info["init"] == "principal"
+
+
+@pytest.mark.parametrize("method", ["qpissa", "loftq"])
+@pytest.mark.parametrize("shape", [(7, 9), (5, 63), (64, 1)], ids=["odd-both", "odd-width", "one-column"])
+def test_randomized_principal_init_handles_shapes_off_the_kernel_s_path(method, shape):
+    """Odd widths and single columns leave bitsandbytes' CPU NF4 kernel for its generic decoder: the init still
+    runs with the randomized SVD, and its reported error equals a direct computation."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    rank = min(shape)
+    a, b, q, _ = init_matrix(w, rank, 2.0, "nf4", method, svd_iters=2,
+                                        generator=torch.Generator().manual_seed(1))
+    direct = torch.linalg.norm(w.double() - (quant.dequantize(q, torch.float64) + 2.0 * b.double() @ a.double()))
+    assert reconstruction_error(w, q, a, b, 2.0) == pytest.approx(direct.item(), rel=1e-12)
+    assert direct < torch.linalg.norm(w.double() - quant.dequantize(quant.quantize_weight(w, "nf4"), torch.float64))

@@ -268,6 +268,11 @@ def _cross_problems(config: TrainConfig) -> list[tuple[tuple[str, ...], str]]:
                                                       f"{m.quantize}, which {what} would have to change or shard; "
                                                       "use run.method=lora (or head-only) without compress or fsdp, "
                                                       "or remove model.quantize"))
+    if m.quantize_svd_iters is not None and m.quantize_init == "qlora":
+        out.append((("model.quantize_svd_iters", "model.quantize_init"), "model.quantize_svd_iters sets the SVD of "
+                                                                         "quantize_init qpissa or loftq, and "
+                                                                         "model.quantize_init is qlora; set it to "
+                                                                         "qpissa or loftq, or remove it"))
     if m.loftq_iters < 1:
         out.append((("model.loftq_iters",), f"model.loftq_iters must be >= 1, got {m.loftq_iters}"))
     out += _compress_problems(config)

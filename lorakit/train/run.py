@@ -190,7 +190,8 @@ def prepare(config: TrainConfig) -> Prepared:
         report = inject(model, lora)
         if config.model.quantize and config.model.quantize_init != "qlora":  # needs the dense W: quantized here
             init_report = quantize_with_init(model, config.model.quantize, config.model.quantize_init,
-                                             iters=config.model.loftq_iters, svd_iters=lora.svd_iters,
+                                             iters=config.model.loftq_iters,
+                                             svd_iters=config.model.quantize_svd_iters,
                                              seed=config.run.seed)
             log.info("%s", init_report)
             report = injection_report(model)

@@ -28,6 +28,8 @@ class ModelSection:
         `qpissa` (the top-r of W in A, B; only the residual quantized) or `loftq` (loftq_iters alternations
         between quantizing W - s·B A and re-fitting A, B to W - Q). Needs model.quantize.
     loftq_iters: LoftQ's alternations.
+    quantize_svd_iters: for quantize_init `qpissa` and `loftq`: null for the exact SVD, or the power iterations of
+        the randomized SVD (as lora.svd_iters does for lora.init=principal on a dense base).
     """
 
     name: str = "smollm2"
@@ -35,6 +37,7 @@ class ModelSection:
     quantize: str | None = None
     quantize_init: str = "qlora"
     loftq_iters: int = 5
+    quantize_svd_iters: int | None = None
 
 
 @dataclass
@@ -282,6 +285,7 @@ BOUNDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lora.alpha": _above(0),
     "lora.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "lora.svd_iters": _at_least(0),
+    "model.quantize_svd_iters": _at_least(0),
     "lora.seed": ("in [0, 2**63)", lambda v: 0 <= v < _SEEDS),
     "optim.lr": _above(0),
     "optim.lora_plus_ratio": _above(0),

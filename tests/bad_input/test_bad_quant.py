@@ -87,3 +87,22 @@ def test_merging_twice_into_one_directory(trained, tmp_path: Path, capsys) -> No
     argv = ["merge", "--adapter", str(trained["nf4"]), "--out", str(tmp_path / "m"), "--merge-path", "dequantized"]
     assert main(argv) == 0
     expect_cli_error(argv, capsys, matches=r"(already|exists|not empty|--force)", watch=[tmp_path])
+
+
+SVD_FLAGS = [
+    pytest.param(["--model.quantize_svd_iters=2"], r"model\.quantize_svd_iters sets the SVD of quantize_init qpissa "
+                 r"or loftq, and model\.quantize_init is qlora", id="svd-iters-with-plain-qlora"),
+    pytest.param(["--model.quantize_init=qpissa", "--model.quantize_svd_iters=-1"], r"model\.quantize_svd_iters",
+                 id="negative-svd-iters"),
+    pytest.param(["--model.quantize_init=qpissa", "--lora.svd_iters=2"], r"svd_iters applies only to "
+                 r"init='principal'", id="lora-svd-iters-for-qpissa"),
+]
+
+
+@pytest.mark.parametrize("flags, matches", SVD_FLAGS)
+def test_bad_svd_settings_of_a_quantized_init(flags: list[str], matches: str, tmp_path: Path, tiny_classifier_dir,
+                                              sentiment_tsv, capsys) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run")
+    expect_cli_error(["train", str(config), "--model.quantize=nf4", *flags, "--quiet"], capsys, matches=matches,
+                     watch=[tmp_path])
+    assert not (tmp_path / "run").exists()
