@@ -3,6 +3,7 @@ known image; the new head, the BatchNorm policy under train(), and load_model's 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,20 +13,34 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.models import default_cache_root
 from lorakit.vision import efficientnet
-from lorakit.vision.efficientnet import CHECK_CLASS, check_model, converted_dir, load_efficientnet
+from lorakit.vision.efficientnet import (
+    CHECK_CLASS,
+    EfficientNetClassifier,
+    check_model,
+    converted_dir,
+    load_efficientnet,
+)
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Converted once per module from the wheel, so the tests see this code's conversion."""
-    root = tmp_path_factory.mktemp("lorakit-cache")
+def cache_root() -> Path:
+    """The user's cache (converted here on first use, ~10 s); the conversion itself is tested afresh under -m slow."""
+    root = default_cache_root()
     converted_dir(root)
     return root
 
 
-def test_conversion_writes_safetensors_and_the_passed_check(cache_root):
-    directory = cache_root / efficientnet.NAME
+@pytest.fixture(scope="module")
+def pretrained(cache_root: Path) -> EfficientNetClassifier:
+    return load_efficientnet(cache_dir=cache_root)[0]
+
+
+@pytest.mark.slow
+def test_conversion_writes_safetensors_and_the_passed_check(tmp_path):
+    directory = converted_dir(tmp_path)
+    assert directory == tmp_path / efficientnet.NAME
     check = json.loads((directory / efficientnet.CHECK_FILE).read_text())
     assert check["class"] == CHECK_CLASS == 652 and check["probability"] > 0.4
     state = load_file(str(directory / efficientnet.WEIGHTS_FILE))
@@ -33,35 +48,33 @@ def test_conversion_writes_safetensors_and_the_passed_check(cache_root):
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == 4_652_008
 
 
-def test_pretrained_model_calls_grace_hopper_a_military_uniform(cache_root):
-    model, processor = load_efficientnet(cache_dir=cache_root)
-    assert check_model(model)[0] == CHECK_CLASS
+def test_pretrained_model_calls_grace_hopper_a_military_uniform(pretrained):
+    assert check_model(pretrained)[0] == CHECK_CLASS
+
+
+def test_new_head_replaces_the_classifier_and_keeps_the_backbone(cache_root, pretrained):
+    model, processor = load_efficientnet(head="image-classification", num_labels=10, cache_dir=cache_root)
+    assert model.classifier.out_features == 10 and model.config.num_labels == 10
+    assert torch.equal(model.backbone._conv_stem.weight, pretrained.backbone._conv_stem.weight)
+    logits = model(pixel_values=torch.zeros(2, 3, 32, 32)).logits
+    assert logits.shape == (2, 10)
     assert processor.size["height"] == 224 and processor.image_mean == pytest.approx([127 / 255] * 3)
 
 
-def test_new_head_replaces_the_classifier_and_keeps_the_backbone(cache_root):
-    pretrained, _ = load_efficientnet(cache_dir=cache_root)
-    model, _ = load_efficientnet(head="image-classification", num_labels=10, cache_dir=cache_root)
-    assert model.classifier.out_features == 10 and model.config.num_labels == 10
-    assert torch.equal(model.backbone._conv_stem.weight, pretrained.backbone._conv_stem.weight)
-    logits = model(pixel_values=torch.zeros(2, 3, 64, 64)).logits
-    assert logits.shape == (2, 10)
-
-
-def test_frozen_batchnorm_stays_in_eval_mode_under_train(cache_root):
-    model, _ = load_efficientnet(cache_dir=cache_root)
+def test_frozen_batchnorm_stays_in_eval_mode_under_train(pretrained):
+    model = copy.deepcopy(pretrained)
     for p in model.parameters():
         p.requires_grad_(False)
     model.classifier.weight.requires_grad_(True)
     model.train()
     assert model.classifier.training and not model.backbone._bn0.training
     before = model.backbone._bn0.running_mean.clone()
-    model(pixel_values=torch.randn(2, 3, 64, 64))
+    model(pixel_values=torch.randn(2, 3, 32, 32))
     assert torch.equal(model.backbone._bn0.running_mean, before)
 
 
-def test_trainable_batchnorm_trains(cache_root):
-    model, _ = load_efficientnet(cache_dir=cache_root)
+def test_trainable_batchnorm_trains(pretrained):
+    model = copy.deepcopy(pretrained)
     model.train()
     assert model.backbone._bn0.training
 
