@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lorakit import quant
 from lorakit.errors import LorakitError
 from lorakit.factorized import is_factorized_dir
-from lorakit.io import FACTORIZATION_KEY, load_adapter, read_adapter, read_task_state
+from lorakit.io import FACTORIZATION_KEY, adapter_quantization, load_adapter, read_adapter, read_task_state
 from lorakit.models import load_model
 
 DEFAULT_MODEL = "smollm2"
@@ -68,9 +69,14 @@ def factorized_base(adapter: str | Path) -> str | None:
 
 
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *,
-                       dtype: torch.dtype = torch.float32) -> Loaded:
+                       dtype: torch.dtype = torch.float32, dense: bool = False) -> Loaded:
     """The base `model` (default: the adapter's recorded base, else `smollm2`) with `adapter` applied, with the
     head and label names of the task the adapter (or a fully fine-tuned model directory) was trained for.
+
+    An adapter trained on a quantized base (QLoRA; its file records the kind) runs on the base quantized the same
+    way, as in training: quantization is deterministic, and a QPiSSA / LoftQ residual is rebuilt from the dense W
+    before it is quantized. `dense=True` keeps the full-precision base instead (what merging onto the original
+    weights needs).
 
     Raises LorakitError for a missing or damaged adapter, an invalid `task.json`, or a base the adapter does not
     fit.
@@ -91,6 +97,9 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
         set_label_names(loaded_model, labels)
     if adapter_dir is not None:
         load_adapter(loaded_model, adapter_dir)
+        kind = adapter_quantization(adapter_dir)
+        if kind is not None and not dense:
+            quant.quantize_model(loaded_model, kind)
     return Loaded(loaded_model.eval(), tokenizer, base, task_state, adapter_dir)
 
 

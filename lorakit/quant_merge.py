@@ -183,7 +183,7 @@ def merge_quantized_adapter(adapter: str | Path, out_dir: str | Path, path: str 
     if dtype not in DTYPES:
         raise LorakitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     claim_output_dir(out_dir, kind="merged model", force=force, inputs=[adapter] + ([model] if model else []))
-    loaded = load_for_inference(model, adapter)  # dense base + adapter: a principal residual is rebuilt from W
+    loaded = load_for_inference(model, adapter, dense=True)  # a principal residual is rebuilt from the dense W
     dense = copy.deepcopy(loaded.model) if path == "original" else None
     quant.quantize_model(loaded.model, kind)  # the model as it was trained
     probe = probe_batch(loaded.tokenizer)

@@ -127,8 +127,32 @@ def test_cli_merge_path_writes_the_model_its_path_promises(path, nf4_adapter, tm
     assert main(["merge", "--adapter", str(nf4_adapter), "--out", str(tmp_path / "m"), "--merge-path", path]) == 0
     assert f"merge path {path}: max |Δlogit|" in capsys.readouterr().out
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
-    loaded = load_for_inference(None, nf4_adapter)
-    if path == "dequantized":  # what training saw: the adapter on the NF4 base
-        quant.quantize_model(loaded.model, "nf4")
+    # dequantized: what training saw, the adapter on the NF4 base; original: on the full-precision base
+    loaded = load_for_inference(None, nf4_adapter, dense=path == "original")
     probe = probe_batch(loaded.tokenizer)
     assert_close(logits(merged, probe), logits(loaded.model, probe), "fp32 reordered")
+
+
+def test_inference_loads_a_qlora_adapter_on_the_base_quantized_as_in_training(nf4_adapter, tiny_classifier_dir):
+    from lorakit.inference import load_for_inference
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+    from lorakit.quant_merge import probe_batch
+
+    loaded = load_for_inference(None, nf4_adapter)
+    assert quant.model_quantization(loaded.model) == "nf4"
+    assert all(m.quantized for _, m in lora_modules(loaded.model))
+    trained, _ = load_model(str(tiny_classifier_dir), head="sequence-classification", num_labels=2, quantize="nf4")
+    load_adapter(trained, nf4_adapter)  # the model as `lorakit train` built it: quantized, then adapted
+    probe = probe_batch(loaded.tokenizer)
+    assert torch.equal(logits(loaded.model, probe), logits(trained.eval(), probe))
+    dense = load_for_inference(None, nf4_adapter, dense=True)
+    assert quant.model_quantization(dense.model) is None
+
+
+def test_gguf_export_of_a_qlora_adapter_asks_for_a_merge_path_first(nf4_adapter, tmp_path):
+    from lorakit.gguf.merged import export_gguf
+
+    with pytest.raises(LorakitError, match=r"trained on a nf4 base; merge it first \(lorakit merge --merge-path"):
+        export_gguf(None, tmp_path / "m.gguf", adapter=nf4_adapter)
+    assert not (tmp_path / "m.gguf").exists()

@@ -104,7 +104,12 @@ def export_gguf(model_name_or_dir: str | None, out_file: str | Path, *, adapter:
 def _load(model: str | None, adapter: str | Path | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if adapter is not None:
         from lorakit.inference import load_for_inference
+        from lorakit.io import adapter_quantization
 
+        kind = adapter_quantization(adapter)
+        if kind is not None:
+            raise LorakitError(f"{adapter} was trained on a {kind} base; merge it first (lorakit merge --merge-path "
+                               "dequantized, see docs/quantization.md) and export the merged directory")
         loaded = load_for_inference(model, adapter)
         return loaded.model, loaded.tokenizer
     if model is None:
