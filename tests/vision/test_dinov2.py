@@ -19,7 +19,7 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 from lorakit import LoraConfig, adapter_parameters, inject, save_adapter
 from lorakit.errors import LorakitError
 from lorakit.inject import plan
-from lorakit.models import load_model
+from lorakit.models import default_cache_root, load_model
 from lorakit.vision import dinov2
 from lorakit.vision.dinov2 import DINOV2_CACHE_NAME, check_features, dinov2_dir, features, image_processor
 
@@ -29,9 +29,10 @@ DINOV2_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
 
 @pytest.fixture(scope="session")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache converted once per session from the wheel's graph, so the tests see this code's conversion."""
-    root = tmp_path_factory.mktemp("lorakit-cache")
+def cache_root() -> Path:
+    """The user's cache (`$LORAKIT_CACHE`, else ~/.cache/lorakit), converted on the first run on a machine; a slow
+    test converts afresh (`test_fresh_conversion_matches_onnxruntime`)."""
+    root = default_cache_root()
     dinov2_dir(root)
     return root
 
@@ -50,21 +51,29 @@ def _reference(key: str) -> torch.Tensor:
     return torch.tensor(REFERENCE[key], dtype=torch.float32)
 
 
+def _assert_matches_reference(hidden: torch.Tensor) -> None:
+    assert list(hidden.shape) == REFERENCE["shape"]
+    torch.testing.assert_close(hidden[0], _reference("cls"), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(hidden[1:].mean(dim=0), _reference("mean_patch"), rtol=RTOL, atol=ATOL)
+    for row, values in REFERENCE["patch_rows"].items():
+        torch.testing.assert_close(hidden[1 + int(row)], torch.tensor(values), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(hidden.norm(dim=1), _reference("token_norms"), rtol=RTOL, atol=ATOL)
+
+
 # ------------------------------------------------------------------------------------------- against onnxruntime
 
 
 @pytest.mark.integration
-def test_cls_and_mean_patch_features_match_onnxruntime(hidden: torch.Tensor) -> None:
-    assert list(hidden.shape) == REFERENCE["shape"]
-    torch.testing.assert_close(hidden[0], _reference("cls"), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(hidden[1:].mean(dim=0), _reference("mean_patch"), rtol=RTOL, atol=ATOL)
+def test_cached_model_matches_onnxruntime(hidden: torch.Tensor) -> None:
+    _assert_matches_reference(hidden)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
-def test_patch_tokens_match_onnxruntime_row_for_row(hidden: torch.Tensor) -> None:
-    for row, values in REFERENCE["patch_rows"].items():
-        torch.testing.assert_close(hidden[1 + int(row)], torch.tensor(values), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(hidden.norm(dim=1), _reference("token_norms"), rtol=RTOL, atol=ATOL)
+def test_fresh_conversion_matches_onnxruntime(tmp_path: Path) -> None:
+    model, _ = load_model("dinov2-small", head="base", cache_dir=tmp_path)
+    assert (tmp_path / DINOV2_CACHE_NAME / "model.safetensors").is_file()
+    _assert_matches_reference(features(model)[0])
 
 
 def test_model_check_numbers_are_the_recorded_reference() -> None:
