@@ -27,7 +27,7 @@ def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
     """Whisper's architecture at width 16, one layer each side, tiny.en's vocabulary (51,864 tokens)."""
     torch.manual_seed(seed)
     config = WhisperConfig(vocab_size=51864, d_model=16, encoder_layers=1, decoder_layers=1,
-                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                           encoder_attention_heads=1, decoder_attention_heads=2, encoder_ffn_dim=32,
                            decoder_ffn_dim=32, max_target_positions=64, init_std=0.5, decoder_start_token_id=50257,
                            pad_token_id=50256, bos_token_id=50256, eos_token_id=50256)
     return WhisperForConditionalGeneration(config).eval()
