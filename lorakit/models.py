@@ -190,7 +190,8 @@ def _load_own(name: str, *, head: str, num_labels: int | None, dtype: torch.dtyp
 
 
 def resolve_head(config: PretrainedConfig) -> str:
-    """The head `head="auto"` picks for `config`: the checkpoint's own head, else causal-lm or base."""
+    """The head `head="auto"` picks for `config`: speech-seq2seq for Whisper, the checkpoint's own head, else
+    causal-lm or base."""
     if getattr(config, "model_type", "") == "whisper":
         return "speech-seq2seq"
     if not getattr(config, "is_encoder_decoder", False):
