@@ -18,7 +18,7 @@ import torch
 
 from lorakit.inference import load_for_inference
 from lorakit.train.data import read_records
-from lorakit.train.tasks.transcription import Transcription, greedy_decode, word_error_rates
+from lorakit.train.tasks.transcription import Transcription, word_error_rates
 
 
 def transcripts(adapter: str | None, manifest: Path, max_length: int) -> tuple[list[str], list[str], list[dict]]:
@@ -33,7 +33,7 @@ def transcripts(adapter: str | None, manifest: Path, max_length: int) -> tuple[l
         for start in range(0, len(features), 16):
             batch = task.collate(features[start:start + 16])
             encoded = loaded.model.get_encoder()(batch["input_features"]).last_hidden_state  # type: ignore[operator]
-            hypotheses += task.decode(greedy_decode(loaded.model, encoded, task.prefix, task.eot, max_length))
+            hypotheses += task.decode(task.greedy(loaded.model, encoded))
     return ([task.normalizer(h) for h in hypotheses], [task.normalizer(f["text"]) for f in features],
             [{**r, "transcript": h} for r, h in zip(records, hypotheses, strict=True)])
 

@@ -156,7 +156,7 @@ class Transcription:
                     total += F.cross_entropy(logits.float()[supervised], batch["labels"][supervised],
                                              reduction="sum").item()
                     count += int(supervised.sum())
-                    hypotheses += self.decode(greedy_decode(model, encoded, self.prefix, self.eot, self.max_length))
+                    hypotheses += self.decode(self.greedy(model, encoded))
         finally:
             model.train(was_training)
         references = [self.normalizer(f["text"]) for f in features]
@@ -171,7 +171,16 @@ class Transcription:
         with torch.no_grad():
             features = torch.from_numpy(log_mel(self.extractor, audios)).to(device)
             encoded = _encoder(model)(features).last_hidden_state
-            return self.decode(greedy_decode(model, encoded, self.prefix, self.eot, self.max_length))
+            return self.decode(self.greedy(model, encoded))
+
+    def greedy(self, model: nn.Module, encoded: Tensor) -> list[list[int]]:
+        """`greedy_decode` from encoder states (B, frames, d) after this task's prompt, suppressing the tokens the
+        model's generation config suppresses (tiny.en: 90 non-speech symbols such as "[" and "♪", and at the first
+        step a bare space and end-of-text), as Whisper's own decoding does."""
+        generation: Any = getattr(model, "generation_config", None)
+        return greedy_decode(model, encoded, self.prefix, self.eot, self.max_length,
+                             suppress=list(getattr(generation, "suppress_tokens", None) or []),
+                             begin_suppress=list(getattr(generation, "begin_suppress_tokens", None) or []))
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
@@ -188,21 +197,25 @@ class Transcription:
         return value.strip()
 
 
-def greedy_decode(model: nn.Module, encoded: Tensor, prefix: list[int], eot: int, max_length: int
-                  ) -> list[list[int]]:
+def greedy_decode(model: nn.Module, encoded: Tensor, prefix: list[int], eot: int, max_length: int, *,
+                  suppress: list[int] | None = None, begin_suppress: list[int] | None = None) -> list[list[int]]:
     """Greedy decoding of a Whisper model from encoder states (B, frames, d) after `prefix`, with the decoder's
     key/value cache; returns each row's new tokens without the end-of-text token. Only text tokens (ids below
-    `eot`) or `eot` are chosen. Stops when every row has ended or the sequence reaches `max_length` tokens."""
+    `eot`) or `eot` are chosen, never a token of `suppress`, nor one of `begin_suppress` at the first step. Stops
+    when every row has ended or the sequence reaches `max_length` tokens."""
     decoder, head = _decoder(model), _output_projection(model)
     rows = encoded.shape[0]
     tokens = torch.tensor([prefix] * rows, dtype=torch.long, device=encoded.device)  # (B, P)
     done = torch.zeros(rows, dtype=torch.bool, device=encoded.device)
     out: list[list[int]] = [[] for _ in range(rows)]
     step_input, cache = tokens, None
-    for _ in range(max_length - len(prefix)):
+    banned = [t for t in suppress or [] if 0 <= t <= eot]
+    first_banned = banned + [t for t in begin_suppress or [] if 0 <= t <= eot]
+    for step in range(max_length - len(prefix)):
         result = decoder(input_ids=step_input, encoder_hidden_states=encoded, cache=cache, use_cache=True)
         cache = result.cache
         logits = head(result.last_hidden_state[:, -1]).float()[:, :eot + 1]  # (B, eot + 1): text tokens and eot
+        logits[:, first_banned if step == 0 else banned] = float("-inf")
         chosen = logits.argmax(-1)  # (B,)
         for row in range(rows):
             if not done[row] and int(chosen[row]) != eot:

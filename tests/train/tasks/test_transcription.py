@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tiny_whisper import tiny_whisper, whisper_tokenizer, write_manifest, write_
 from lorakit import LoraConfig, inject
 from lorakit.errors import LorakitError
 from lorakit.lm_loss import IGNORE
+from lorakit.train.data import read_records
 from lorakit.train.tasks import make_task, task_from_state
 from lorakit.train.tasks.transcription import Transcription, greedy_decode, word_error_rates
 
@@ -158,3 +160,37 @@ def test_train_then_eval_a_whisper_directory_from_a_config(records: list[dict], 
     adapted = evaluate_from_config(config, adapter=summary.adapter_dir)
     assert base.method == "base" and adapted.method == "lora" and base.metric == "wer"
     assert adapted.metrics["wer"] == pytest.approx(summary.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_greedy_decoding_matches_transformers_generate_on_the_real_whisper(tmp_path: Path) -> None:
+    """The task's own decoding against transformers' `generate` (greedy, tiny.en's generation config) on held-out
+    clips of the data set: the same transcripts."""
+    from lorakit.models import load_model
+    from lorakit.speech.clips import generate_speech_commands
+
+    manifests = generate_speech_commands(tmp_path / "ds", train=1, eval=4, seed=0)
+    model, processor = load_model("whisper-tiny")
+    task = Transcription(processor, max_length=48)
+    records = read_records(manifests["eval"])
+    task.check_records(records, str(manifests["eval"]))
+    audios = [f["audio"] for f in task.encode(records)]
+    features = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        expected = processor.batch_decode(model.generate(features, max_new_tokens=46, num_beams=1, do_sample=False),
+                                          skip_special_tokens=True)
+    assert task.transcribe(model, audios) == [text.strip() for text in expected]
+
+
+def test_greedy_decoding_never_emits_a_suppressed_token(task: Transcription) -> None:
+    model = tiny_whisper(seed=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        encoded = model.get_encoder()(torch.randn(2, 80, 3000)).last_hidden_state
+        free = greedy_decode(model, encoded, task.prefix, task.eot, 12)
+        chosen = sorted({t for row in free for t in row})
+        first = sorted({row[0] for row in free if row})
+        held = greedy_decode(model, encoded, task.prefix, task.eot, 12, suppress=chosen[1:], begin_suppress=first)
+    assert chosen and not {t for row in held for t in row} & set(chosen[1:])
+    assert all(row[0] not in first for row in held if row)
