@@ -137,6 +137,14 @@ def test_classification_head_is_a_new_linear_over_cls_and_mean_patch(cache_root:
 
 
 @pytest.mark.integration
+def test_converted_model_has_no_mask_token(backbone: nn.Module) -> None:
+    # The graph has none, and an untrained parameter that never reaches the loss would stop full fine-tuning.
+    assert backbone.config.use_mask_token is False
+    assert not any("mask_token" in name for name, _ in backbone.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_every_parameter_of_the_classifier_gets_a_gradient(cache_root: Path) -> None:
     # Full fine-tuning trains every parameter: the converted model has no mask token (unused by a classifier).
     model, _ = load_model("dinov2-small", head="image-classification", num_labels=3, cache_dir=cache_root)
