@@ -100,20 +100,23 @@ def load_dinov2(*, head: str = "auto", num_labels: int | None = None, dtype: tor
 
     head: `base` or `auto` gives the bare `Dinov2Model` (outputs `last_hidden_state` (B, 1 + patches, 384) and
         `pooler_output`, the CLS token); `image-classification` gives `Dinov2ForImageClassification`, whose new
-        `classifier` (Linear(768, num_labels) over the CLS token and the mean patch token) starts at random.
+        `classifier` (Linear(768, num_labels) over the CLS token and the mean patch token) starts at random;
+        num_labels is required with it.
     cache_dir: root of the conversion cache (default `$LORAKIT_CACHE`, else `~/.cache/lorakit`).
-    Raises `LorakitError` for an unknown head, a misplaced or bad `num_labels`, or a missing wheel.
+    Raises `LorakitError` for an unknown head, a misplaced, missing or bad `num_labels`, or a missing wheel.
     """
     if head not in HEADS:
         raise LorakitError(f"dinov2-small has no head {head!r}; expected one of: {', '.join(HEADS)}")
     if num_labels is not None and head != "image-classification":
         raise LorakitError(f"num_labels applies to head 'image-classification' only, got head {head!r}")
+    if head == "image-classification" and num_labels is None:
+        raise LorakitError("dinov2-small has no pretrained classifier (it is a self-supervised backbone); pass "
+                           "num_labels for a new head, or an image-classification adapter that brings one")
     processor = image_processor(image_size)
     source = dinov2_dir(cache_dir)
     if head == "image-classification":
-        extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
         model: nn.Module = Dinov2ForImageClassification.from_pretrained(source, dtype=dtype, local_files_only=True,
-                                                                        **extra)
+                                                                        num_labels=num_labels)
     else:
         model = Dinov2Model.from_pretrained(source, dtype=dtype, local_files_only=True)
     model.eval()

@@ -163,8 +163,9 @@ def test_base_and_auto_heads_give_the_bare_backbone(backbone: nn.Module, cache_r
     ({"head": "causal-lm"}, r"dinov2-small has no head 'causal-lm'; expected one of: auto, base, image-classification"),
     ({"head": "base", "num_labels": 3}, r"num_labels applies to head 'image-classification' only"),
     ({"head": "image-classification", "num_labels": 0}, r"num_labels must be a positive int, got 0"),
+    ({"head": "image-classification"}, r"dinov2-small has no pretrained classifier .*pass num_labels"),
     ({"quantize": "nf4"}, r"quantize applies to the text models; dinov2-small loads dense only"),
-], ids=["unknown-head", "labels-without-classifier", "zero-labels", "quantize"])
+], ids=["unknown-head", "labels-without-classifier", "zero-labels", "classifier-without-labels", "quantize"])
 def test_bad_arguments_are_refused_before_loading(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
     with pytest.raises(LorakitError, match=message):
         load_model("dinov2-small", cache_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
