@@ -35,7 +35,7 @@ HEAD_FOR_TASK: dict[str, str] = {"classification": "sequence-classification", "i
                                  "translation": "causal-lm", "image-classification": "image-classification",
                                  "ner": "token-classification", "qa": "question-answering",
                                  "transcription": "speech-seq2seq"}
-_LABELLED_HEADS = ("sequence-classification", "token-classification")
+_LABELLED_HEADS = ("sequence-classification", "token-classification", "image-classification")
 
 
 @dataclass

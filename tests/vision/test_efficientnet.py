@@ -105,3 +105,21 @@ def test_load_model_dispatches_to_efficientnet(cache_root):
                                   cache_dir=cache_root)
     assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 4
     assert model.name_or_path == "efficientnet-lite0" and processor.image_std == pytest.approx([128 / 255] * 3)
+
+
+def test_inference_loads_an_image_adapter_with_its_new_head(cache_root, tmp_path):
+    from lorakit import LoraConfig, inject, save_adapter
+    from lorakit.inference import load_for_inference
+    from lorakit.io import TASK_NAME
+
+    model, _ = load_efficientnet(head="image-classification", num_labels=3, cache_dir=cache_root)
+    inject(model, LoraConfig(rank=2, alpha=4, targets=["_conv_stem", "_project_conv"],
+                             modules_to_save=["classifier"]))
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / TASK_NAME).write_text(json.dumps(
+        {"task": "image-classification", "labels": ["a", "b", "c"], "image": "image", "label": "label",
+         "image_size": 32}))
+    loaded = load_for_inference(adapter=tmp_path / "adapter")
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.model.classifier.out_features == 3 and loaded.model.config.id2label[2] == "c"
+    assert torch.equal(loaded.model(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
