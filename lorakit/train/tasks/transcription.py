@@ -175,7 +175,7 @@ class Transcription:
 
     def greedy(self, model: nn.Module, encoded: Tensor) -> list[list[int]]:
         """`greedy_decode` from encoder states (B, frames, d) after this task's prompt, suppressing the tokens the
-        model's generation config suppresses (tiny.en: 90 non-speech symbols such as "[" and "♪", and at the first
+        model's generation config suppresses (tiny.en: 90 non-speech symbols such as "(" and "[", and at the first
         step a bare space and end-of-text), as Whisper's own decoding does."""
         generation: Any = getattr(model, "generation_config", None)
         return greedy_decode(model, encoded, self.prefix, self.eot, self.max_length,
