@@ -10,7 +10,7 @@ is trained in full and saved with the adapter (`head_modules`), as in the LoRA p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -123,25 +123,7 @@ class SequenceClassification:
     def evaluate(self, model: nn.Module, features: list[Features], batch_size: int) -> dict[str, float]:
         """accuracy, macro F1 (`macro_f1`), mean cross-entropy (`loss`) over `features`, and the number of distinct
         labels predicted (`predicted_classes`; 1.0, one label for every example, also logs a warning)."""
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        predictions: list[int] = []
-        total_loss = 0.0
-        try:
-            with torch.no_grad():
-                for part in progress(chunks(features, batch_size), desc="evaluate"):
-                    batch = move_batch(self.collate(list(part)), device)
-                    logits = self._logits(model, batch).float()  # (B, num_labels)
-                    total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                    predictions += logits.argmax(-1).tolist()
-        finally:
-            model.train(was_training)
-        targets = [f["label"] for f in features]
-        correct = sum(p == t for p, t in zip(predictions, targets, strict=True))
-        return {"accuracy": correct / max(len(targets), 1), "macro_f1": macro_f1(predictions, targets),
-                "loss": total_loss / max(len(targets), 1),
-                **prediction_spread(predictions, unit="example", names=self.labels)}
+        return score_classifier(model, features, batch_size, self.collate, self._logits, self.labels, unit="example")
 
     def length(self, features: Features) -> int:
         return len(features["input_ids"])
@@ -172,6 +154,32 @@ class SequenceClassification:
         if not isinstance(value, str):
             raise LorakitError(f"record {i}: field {field!r} must be text, got {type(value).__name__} {value!r}")
         return value
+
+
+def score_classifier(model: nn.Module, features: list[Features], batch_size: int,
+                     collate: Callable[[list[Features]], Batch], logits_of: Callable[[nn.Module, Batch], Tensor],
+                     labels: list[str] | None, unit: str) -> dict[str, float]:
+    """A classifier's evaluation, shared by the text and image tasks: accuracy, macro F1 (`macro_f1`), mean
+    cross-entropy (`loss`) and the number of distinct labels predicted (`predicted_classes`; one label for every
+    `unit` also logs a warning). `logits_of(model, batch)` gives (B, num_labels); features carry `label`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions: list[int] = []
+    total_loss = 0.0
+    try:
+        with torch.no_grad():
+            for part in progress(chunks(features, batch_size), desc="evaluate"):
+                batch = move_batch(collate(list(part)), device)
+                logits = logits_of(model, batch).float()  # (B, num_labels)
+                total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                predictions += logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    targets = [f["label"] for f in features]
+    correct = sum(p == t for p, t in zip(predictions, targets, strict=True))
+    return {"accuracy": correct / max(len(targets), 1), "macro_f1": macro_f1(predictions, targets),
+            "loss": total_loss / max(len(targets), 1), **prediction_spread(predictions, unit=unit, names=labels)}
 
 
 def classifier_head(model: nn.Module, labels: list[str] | None, kind: str) -> list[str]:

@@ -26,11 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
-from lorakit.progress import progress
 from lorakit.task import Batch, Features
-from lorakit.train.data import chunks, move_batch
-from lorakit.train.tasks.classification import classifier_head, macro_f1
-from lorakit.train.tasks.collapse import prediction_spread
+from lorakit.train.tasks.classification import classifier_head, score_classifier
 from lorakit.vision import mnist
 from lorakit.vision.images import gray_batch_to_pixel_values, read_image
 
@@ -127,25 +124,7 @@ class ImageClassification:
     def evaluate(self, model: nn.Module, features: list[Features], batch_size: int) -> dict[str, float]:
         """accuracy, macro F1 (`macro_f1`), mean cross-entropy (`loss`), and the number of distinct labels
         predicted (`predicted_classes`)."""
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        predictions: list[int] = []
-        total_loss = 0.0
-        try:
-            with torch.no_grad():
-                for part in progress(chunks(features, batch_size), desc="evaluate"):
-                    batch = move_batch(self.collate(list(part)), device)
-                    logits = self._logits(model, batch).float()  # (B, num_labels)
-                    total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                    predictions += logits.argmax(-1).tolist()
-        finally:
-            model.train(was_training)
-        targets = [f["label"] for f in features]
-        correct = sum(p == t for p, t in zip(predictions, targets, strict=True))
-        return {"accuracy": correct / max(len(targets), 1), "macro_f1": macro_f1(predictions, targets),
-                "loss": total_loss / max(len(targets), 1),
-                **prediction_spread(predictions, unit="image", names=self.labels)}
+        return score_classifier(model, features, batch_size, self.collate, self._logits, self.labels, unit="image")
 
     def length(self, features: Features) -> int:
         return 1  # one image; the loop's tokens/s becomes images/s
