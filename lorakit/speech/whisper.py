@@ -86,17 +86,14 @@ def load_whisper(*, head: str = "auto", num_labels: int | None = None, dtype: to
 
 def whisper_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted model directory under `cache_dir`, built (once, ~10 s) if missing."""
-    from lorakit.models import _package_dir, _remove_stale_builds, default_cache_root
+    from lorakit.models import complete_cache, default_cache_root, package_dir, remove_stale_builds
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / WHISPER_CACHE_NAME
-    if target.is_dir():
-        missing = [f for f in _CACHE_FILES if not (target / f).is_file()]
-        if missing:
-            raise LorakitError(f"Whisper cache {target} lacks {', '.join(missing)}; delete it to rebuild it")
+    if complete_cache(target, _CACHE_FILES, "Whisper"):
         return target
-    source = _package_dir(_PACKAGE, _PIP) / "model"
-    _remove_stale_builds(target)
+    source = package_dir(_PACKAGE, _PIP) / "model"
+    remove_stale_builds(target)
     log.info("converting %s to a safetensors cache at %s (once)", source, target)
     started = time.perf_counter()
     atomic_write_dir(target, lambda tmp: convert_whisper(source, tmp))

