@@ -156,3 +156,33 @@ def test_gguf_export_of_a_qlora_adapter_asks_for_a_merge_path_first(nf4_adapter,
     with pytest.raises(LorakitError, match=r"trained on a nf4 base; merge it first \(lorakit merge --merge-path"):
         export_gguf(None, tmp_path / "m.gguf", adapter=nf4_adapter)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_eval_applies_model_quantize_and_refuses_another_kind_than_the_adapter_s(nf4_adapter, tmp_path):
+    from conftest import write_config
+
+    from lorakit.train.config import load_train_config
+    from lorakit.train.evaluate import evaluate_from_config
+
+    run_config = nf4_adapter.parent / "config.json"
+    import json
+
+    data = json.loads(run_config.read_text())["data"]
+    config_file = write_config(tmp_path / "c.yaml", json.loads(run_config.read_text())["model"]["name"],
+                               data["train"], data["eval"], tmp_path / "unused")
+    plain = evaluate_from_config(load_train_config(config_file, []), adapter=nf4_adapter)
+    same = evaluate_from_config(load_train_config(config_file, ["--model.quantize=nf4"]), adapter=nf4_adapter)
+    assert plain.metrics == same.metrics  # the adapter already runs on its NF4 base
+    with pytest.raises(LorakitError, match=r"model\.quantize=int8, but .* was trained on a nf4 base"):
+        evaluate_from_config(load_train_config(config_file, ["--model.quantize=int8"]), adapter=nf4_adapter)
+
+
+def test_eval_of_a_base_with_model_quantize_scores_the_quantized_base():
+    from lorakit.train.evaluate import _quantize_as_configured
+
+    model = tiny_llama()
+    _quantize_as_configured(model, "nf4", None)
+    assert quant.model_quantization(model) == "nf4"
+    dense = tiny_llama()
+    _quantize_as_configured(dense, None, None)
+    assert quant.model_quantization(dense) is None

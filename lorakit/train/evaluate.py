@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch import nn
 
+from lorakit import quant
 from lorakit.errors import LorakitError
 from lorakit.factorized import is_factorized_dir
 from lorakit.inference import HEAD_FOR_TASK, factorized_base, load_for_inference
@@ -64,6 +66,7 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
     check_data_files(config.data)
     loaded = load_for_inference(_base_for(config.model.name, adapter), adapter)  # a misfit is one line
     model, tokenizer = loaded.model, loaded.tokenizer
+    _quantize_as_configured(model, config.model.quantize, adapter)
     if loaded.task_state is not None:
         task = task_from_state(tokenizer, loaded.task_state)
     else:
@@ -85,8 +88,24 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
         with torch.no_grad():
             metrics = task.evaluate(model, features, config.run.eval_batch_size)
         metric = TASKS[config.data.task].metric
+    method = evaluated_method(config.model.name, adapter)
+    if method == "base" and config.model.quantize is not None:
+        method = f"base-{config.model.quantize}"
     return Evaluation(finite_metrics(metrics), metric, results_task(config), config.data.eval or config.data.train,
-                      config.model.name, evaluated_method(config.model.name, adapter))
+                      config.model.name, method)
+
+
+def _quantize_as_configured(model: nn.Module, kind: str | None, adapter: str | Path | None) -> None:
+    """Apply model.quantize to the loaded model (an adapter trained on a quantized base arrives quantized as it
+    was trained); a kind other than the adapter's is refused."""
+    if kind is None:
+        return
+    loaded = quant.model_quantization(model)
+    if loaded is None:
+        quant.quantize_model(model, kind)
+    elif loaded != kind:
+        raise LorakitError(f"model.quantize={kind}, but {adapter} was trained on a {loaded} base; remove "
+                           f"model.quantize (the adapter runs on the base it was trained on) or set it to {loaded}")
 
 
 def _base_for(model: str, adapter: str | Path | None) -> str:
