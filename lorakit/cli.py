@@ -147,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from lorakit.vision.classify import classify_images
+    from lorakit.classify import classify_images
 
     for prediction in classify_images(args.images, model=args.model, adapter=args.adapter, top=args.top):
         print(json_line({"image": prediction.path, "top": [[label, round(p, 4)] for label, p in prediction.top]}))
