@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_write_bytes
 from lorakit.outputs import claim_output_dir
 from lorakit.speech.audio import read_wav, write_wav
 
@@ -185,9 +186,10 @@ def generate_speech_commands(out_dir: str | Path, *, train: int = 240, eval: int
                 synthesise(clip, staged, seed=seed, index=i if split == "train" else train + i)
                 staged.rename(out / clip.audio)
         manifests[split] = out / f"{split}.jsonl"
-        manifests[split].write_text("".join(json.dumps(asdict(c)) + "\n" for c in clips))
+        atomic_write_bytes(manifests[split], "".join(json.dumps(asdict(c)) + "\n" for c in clips).encode(),
+                           what="manifest")
         log.info("wrote %d %s clips (%d voices) to %s", len(clips), split, len({c.voice for c in clips}), out)
-    (out / "dataset.json").write_text(json.dumps({"generator": "lorakit.speech.clips", "seed": seed,
-                                                  "train": train, "eval": eval, "noise_snr_db": noise_snr_db},
-                                                 indent=2) + "\n")
+    settings = {"generator": "lorakit.speech.clips", "seed": seed, "train": train, "eval": eval,
+                "noise_snr_db": noise_snr_db}
+    atomic_write_bytes(out / "dataset.json", (json.dumps(settings, indent=2) + "\n").encode(), what="data set record")
     return manifests
