@@ -179,3 +179,19 @@ def test_copies_of_an_adapted_padding_conv_keep_their_own_weights():
         dict(lora_modules(twin))["stem"].weight.add_(1.0)
     assert not torch.equal(twin(x), model(x))
     assert dict(lora_modules(twin))["stem"].__dict__["_own_forward"].weight is dict(lora_modules(twin))["stem"].weight
+
+
+def test_peft_layout_of_a_grouped_a_comes_back_exactly_whatever_its_values():
+    """Only entries outside the diagonal blocks make an A cross groups; values spanning many magnitudes (whose
+    sums depend on the summation order) come back unchanged."""
+    from lorakit.layers import grouped_a_from_peft, grouped_a_to_peft
+
+    module = LoraConv(nn.Conv2d(16, 32, 3, groups=8), rank=16, alpha=16, scaling=1.0)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(module.lora_A.weight.shape, generator=gen) * 10.0 ** torch.randint(-6, 6, (16, 1, 1, 1),
+                                                                                       generator=gen)
+    assert torch.equal(grouped_a_from_peft(module, grouped_a_to_peft(module, a), "k"), a)
+    crossing = grouped_a_to_peft(module, a)
+    crossing[0, -1, 0, 0] = 1e-30
+    with pytest.raises(LorakitError, match="outside its own group"):
+        grouped_a_from_peft(module, crossing, "k")
