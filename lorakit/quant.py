@@ -30,6 +30,9 @@ NF4_BLOCK = 64  # QLoRA's block size for the NF4 constants
 
 def bnb() -> Any:
     """The bitsandbytes module; raises `LorakitError` naming the extra to install when it is missing."""
+    imported = sys.modules.get("bitsandbytes")
+    if imported is not None:  # every matmul of a step asks: Logger.setLevel below clears every logger's cache
+        return imported
     # On import, bitsandbytes warns on stderr that an optional accelerated CPU kernel (the `kernels` package) is
     # missing; its own fallback is what runs here, so the warning would only be a second line beside every error.
     noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -94,12 +97,14 @@ _scratch = threading.local()
 
 
 def dequantize_transient(weight: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """`dequantize(weight, dtype)` written into a per-thread scratch buffer, one per (shape, dtype, device), that
-    the next call for the same shape overwrites: for a matmul that consumes the matrix at once, never to be kept.
+    """`dequantize(weight, dtype)` written into a per-thread scratch buffer, one per (dtype, device) whatever the
+    shape, that the next call overwrites: for a matmul that consumes the matrix at once, never to be kept.
 
-    A training step dequantizes every projection twice; fresh (out, in) buffers each time cost page faults, and
-    interleaved with the activations that stay alive they fragment the heap so that the step's peak resident
-    memory grows by about the size of the weights quantization saved (measured in docs/quantization.md)."""
+    A training step dequantizes every projection twice. Fresh (out, in) buffers each time cost page faults, and
+    interleaved with the activations that stay alive they fragment the heap, so that the step's peak resident
+    memory grows by about the size of the weights quantization saved; one buffer per shape is colder in the cache
+    than a fresh one, and decoding into it took 1.7x bitsandbytes' own time. One buffer for all shapes is the
+    memory the previous matmul just read (measured in docs/quantization.md)."""
     kind = kind_of(weight)
     if kind is None:
         return weight
@@ -138,13 +143,14 @@ def _dequantize_nf4_into(weight: Tensor, out: Tensor) -> None:
 
 
 def _scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A per-thread flat buffer of `size` entries, reused by the next call with the same name, size and dtype."""
+    """The first `size` entries of a per-thread flat buffer, one per (name, dtype, device), grown when a larger
+    size is asked for: the next call with the same name overwrites it."""
     buffers: dict[tuple[Any, ...], Tensor] = getattr(_scratch, "buffers", None) or {}
     _scratch.buffers = buffers
-    key = (name, size, dtype, device)
-    if key not in buffers:
+    key = (name, dtype, device)
+    if key not in buffers or buffers[key].numel() < size:
         buffers[key] = torch.empty(size, dtype=dtype, device=device)
-    return buffers[key]
+    return buffers[key][:size]
 
 
 def _block_absmax_transient(state: Any) -> Tensor:

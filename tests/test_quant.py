@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -211,13 +212,24 @@ def test_transient_dequantization_equals_bitsandbytes_own_bit_for_bit(kind, dtyp
     assert torch.equal(quant.dequantize_transient(weight, dtype), expected)
 
 
-def test_transient_dequantization_reuses_one_buffer_per_shape():
-    first, second = (quant.quantize_weight(_weight(seed), "nf4") for seed in (1, 2))
+def test_transient_dequantization_reuses_one_buffer_for_every_shape():
+    large = quant.quantize_weight(_weight(1, shape=(320, 128)), "nf4")
+    first, second = (quant.quantize_weight(_weight(seed, shape=(96, 128)), "nf4") for seed in (2, 3))
+    pointer = quant.dequantize_transient(large).data_ptr()  # grows the buffer to the largest shape first
     a = quant.dequantize_transient(first)
-    pointer, values = a.data_ptr(), a.clone()
+    values = a.clone()
     b = quant.dequantize_transient(second)
-    assert b.data_ptr() == pointer  # the same scratch buffer, overwritten
+    assert a.data_ptr() == b.data_ptr() == pointer  # the same scratch buffer, overwritten
     assert torch.equal(b, quant.dequantize(second)) and not torch.equal(b, values)
+    assert torch.equal(quant.dequantize_transient(large), quant.dequantize(large))
+
+
+def test_bitsandbytes_accessor_leaves_logging_alone_once_imported(monkeypatch):
+    quant.bnb()
+    calls = []
+    monkeypatch.setattr(logging.Logger, "setLevel", lambda self, level: calls.append(level))
+    assert quant.bnb() is bnb
+    assert calls == []  # setLevel clears every logger's cache: 0.2 ms on each of a step's 420 dequantizations
 
 
 def test_transient_dequantization_falls_back_for_an_odd_width():
