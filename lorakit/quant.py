@@ -102,9 +102,8 @@ def dequantize_transient(weight: Tensor, dtype: torch.dtype = torch.float32) -> 
 
     A training step dequantizes every projection twice. Fresh (out, in) buffers each time cost page faults, and
     interleaved with the activations that stay alive they fragment the heap, so that the step's peak resident
-    memory grows by about the size of the weights quantization saved; one buffer per shape is colder in the cache
-    than a fresh one, and decoding into it took 1.7x bitsandbytes' own time. One buffer for all shapes is the
-    memory the previous matmul just read (measured in docs/quantization.md)."""
+    memory grows by about the size of the weights quantization saved (measured in docs/quantization.md). One
+    buffer serves every shape: the largest projection's size, not the sum over shapes."""
     kind = kind_of(weight)
     if kind is None:
         return weight
