@@ -6,11 +6,12 @@ The setting of the quantization issue: SmolLM2-135M-Instruct, a batch of 4 x 128
 input ids, rank 16, alpha 32 on every attention and MLP projection, dropout 0, AdamW, fp32 factors. Arms, each on
 its own model:
 
-    qlora        lorakit on `load_model("smollm2", quantize="nf4")` (block linears NF4, double quantization)
+    qlora        lorakit on `load_model("smollm2", quantize="nf4")` (block linears NF4, double quantization),
+                 its MLPs fused as `lorakit train` does by default (`run.fused_swiglu`, lorakit.swiglu)
     qlora_ckpt   the same with activation checkpointing
     peft_bnb     PEFT's bitsandbytes LoRA layers on the same NF4 base (`model.is_loaded_in_4bit`, as a 4-bit load
                  through transformers sets it), its own `labels=` loss, `torch.optim.AdamW`
-    lora         lorakit on the fp32 base
+    lora         lorakit on the fp32 base, its MLPs fused the same way
     lora_ckpt    the same with activation checkpointing
 
 Run A B C D E A B C D E ... after `--warmup` rounds. Memory of an arm = its model's resident weights (stored bytes,
@@ -30,6 +31,7 @@ import torch
 from bench_train_step import MB, PeakMemory, interleaved_steps, step_arguments
 
 from lorakit import LoraConfig, inject, load_model, quant
+from lorakit.swiglu import fuse_gated_mlps
 from lorakit.train.loop import build_optimizer
 from lorakit.train.run import enable_activation_checkpointing
 from lorakit.train.sections import OptimSection
@@ -55,6 +57,7 @@ def build(args) -> tuple[dict[str, Callable[[], float | None]], dict[str, int]]:
                              ("lora_ckpt", None, True)):
         model, tokenizer = load_model("smollm2", quantize=kind)
         inject(model, config)
+        fuse_gated_mlps(model)  # as `lorakit train` does (run.fused_swiglu)
         model.train()
         if ckpt:
             enable_activation_checkpointing(model)

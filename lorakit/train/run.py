@@ -31,6 +31,7 @@ from lorakit.io import TASK_NAME, save_adapter
 from lorakit.models import load_model
 from lorakit.outputs import MARK_NAME, OutputExistsError, claim_output_dir
 from lorakit.quant_init import quantize_with_init
+from lorakit.swiglu import fuse_gated_mlps
 from lorakit.task import Features, Task
 from lorakit.train.checkpoint import ADAPTER_DIR, list_checkpoints, load_weights
 from lorakit.train.compress_setup import (
@@ -181,6 +182,8 @@ def prepare(config: TrainConfig) -> Prepared:
     if lora_on_factors:
         check_disjoint(model, lora, config.compress.targets, head_exclusions(model, task))
     factorization = compress_model(config, model, task, train_features) if config.compress.enabled else None
+    if config.run.fused_swiglu:
+        fuse_gated_mlps(model)
     if config.run.activation_checkpointing:
         enable_activation_checkpointing(model)
     base_layers: dict[str, nn.Module] = {}

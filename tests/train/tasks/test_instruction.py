@@ -20,7 +20,7 @@ from lorakit import models
 from lorakit.errors import LorakitError
 from lorakit.train.config import load_train_config
 from lorakit.train.data import read_records
-from lorakit.train.run import load_data, train_from_config
+from lorakit.train.run import load_data, prepare, train_from_config
 from lorakit.train.tasks.conversation import detect_layout
 from lorakit.train.tasks.instruction import IGNORE, InstructionTuning
 
@@ -424,3 +424,16 @@ def test_training_on_messages_data_runs_and_the_loss_falls(tmp_path: Path, tiny_
     assert summary.steps == len(losses) == 8
     assert losses[-1] < 0.9 * losses[0], losses  # one batch of every conversation: the same data each step
     assert json.loads((Path(summary.adapter_dir) / "task.json").read_text())["task"] == "instruction"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_fuses_the_gated_mlps_unless_told_not_to(tmp_path: Path, tiny_chat_llama_dir: Path,
+                                                          fused: bool) -> None:
+    config = load_train_config(_write(tmp_path, {
+        "model": {"name": str(tiny_chat_llama_dir)},
+        "data": {"task": "instruction", "train": str(EXAMPLE), "max_length": 64},
+        "lora": {"rank": 4, "alpha": 8, "targets": ["llama"]},
+        "run": {"out_dir": str(tmp_path / "run"), "device": "cpu", "fused_swiglu": fused}}))
+    model = prepare(config).model
+    mlps = [m for n, m in model.named_modules() if n.endswith(".mlp")]
+    assert len(mlps) == 2 and all(("forward" in vars(m)) == fused for m in mlps)
