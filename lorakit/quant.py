@@ -122,13 +122,13 @@ def _dequantize_nf4_into(weight: Tensor, out: Tensor) -> None:
     """bitsandbytes' NF4 decoding of `weight` into `out`. Its CPU kernel has no `out=` form, so on the CPU the
     kernel behind it is called with our buffer (the same arithmetic: equal bit for bit, tested); elsewhere, and
     wherever that kernel would not run (odd widths, blocks of 2048 and more), bitsandbytes' own function."""
-    lib = bnb()
     state = weight.quant_state  # type: ignore[attr-defined]
     rows, cols = out.shape
     kernel = None
     if out.device.type == "cpu" and cols % 2 == 0 and state.blocksize < 2048 and out.dtype in _KERNEL_SUFFIX:
-        kernel = getattr(lib.cextension.lib, f"cdequantize_blockwise_cpu_nf4_{_KERNEL_SUFFIX[out.dtype]}", None)
+        kernel = _cpu_kernel(f"cdequantize_blockwise_cpu_nf4_{_KERNEL_SUFFIX[out.dtype]}")
     if kernel is None:
+        lib = bnb()
         if out.device.type == "cpu":
             out.copy_(lib.functional.dequantize_4bit(weight.data, state))
         else:
@@ -136,9 +136,22 @@ def _dequantize_nf4_into(weight: Tensor, out: Tensor) -> None:
         return
     absmax = _block_absmax_transient(state) if state.nested else state.absmax.float()
     codes = weight.data.view(torch.uint8).reshape(rows, cols // 2)
-    pointer = lib.functional.get_ptr
-    kernel(pointer(codes), pointer(absmax), pointer(out), ctypes.c_longlong(state.blocksize),
+    kernel(_pointer(codes), _pointer(absmax), _pointer(out), ctypes.c_longlong(state.blocksize),
            ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+
+
+_cpu_kernels: dict[str, Any] = {}
+
+
+def _cpu_kernel(name: str) -> Any:
+    """bitsandbytes' native CPU function `name`, or None where its library lacks it; looked up once."""
+    if name not in _cpu_kernels:
+        _cpu_kernels[name] = getattr(bnb().cextension.lib, name, None)
+    return _cpu_kernels[name]
+
+
+def _pointer(tensor: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
 
 
 def _scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -154,13 +167,18 @@ def _scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.devi
 
 def _block_absmax_transient(state: Any) -> Tensor:
     """The fp32 absmax of every NF4 block, decoded from double quantization (its 8-bit codes x the second level's
-    absmax per block of 256, plus the offset) into scratch buffers: bitsandbytes' `dequantize_blockwise`
-    arithmetic (one fp32 product, then the offset), without its fresh buffers."""
+    absmax per block of 256, plus the offset) into scratch buffers: on the CPU bitsandbytes' own kernel, elsewhere
+    its `dequantize_blockwise` arithmetic (one fp32 product, then the offset), without its fresh buffers."""
     codes, second = state.absmax, state.state2
     blocks, block = codes.numel(), second.blocksize
+    decoded = _scratch_buffer("absmax", blocks, torch.float32, codes.device)
+    kernel = _cpu_kernel("cdequantize_blockwise_cpu_fp32") if codes.device.type == "cpu" else None
+    if kernel is not None and codes.dtype == torch.uint8 and codes.is_contiguous():
+        kernel(_pointer(second.code), _pointer(codes), _pointer(second.absmax), _pointer(decoded),
+               ctypes.c_longlong(block), ctypes.c_longlong(blocks))
+        return decoded.add_(state.offset)
     index = _scratch_buffer("absmax-index", blocks, torch.int32, codes.device)
     index.copy_(codes.view(-1))
-    decoded = _scratch_buffer("absmax", blocks, torch.float32, codes.device)
     torch.index_select(second.code, 0, index, out=decoded)
     whole = blocks - blocks % block
     decoded[:whole].view(-1, block).mul_(second.absmax[: whole // block, None])

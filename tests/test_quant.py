@@ -250,3 +250,11 @@ def test_training_step_saves_no_dense_weight_for_backward(kind):
     out.sum().backward()
     assert saved and (module.out_features, module.in_features) not in saved
     assert x.grad is not None and module.lora_A.weight.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (320, 128)])
+def test_transient_dequantization_without_the_native_constant_kernel_is_still_bit_equal(monkeypatch, shape):
+    weight = quant.quantize_weight(_weight(shape=shape), "nf4")
+    monkeypatch.setitem(quant._cpu_kernels, "cdequantize_blockwise_cpu_fp32", None)  # the torch arithmetic
+    expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    assert torch.equal(quant.dequantize_transient(weight), expected)
