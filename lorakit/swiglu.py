@@ -48,7 +48,10 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))  # type: ignore[no-any-return]
+    gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+    assert isinstance(gate, nn.Module) and isinstance(up, nn.Module) and isinstance(down, nn.Module)
+    out: Tensor = down(silu_mul(gate(x), up(x)))
+    return out
 
 
 def _llama_forward_code() -> Any:
