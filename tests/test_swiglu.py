@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, inject
 from lorakit.swiglu import fuse_gated_mlps, is_gated_silu_mlp, silu_mul
+from lorakit.train.run import enable_activation_checkpointing
 
 
 def _adapted_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -39,23 +42,47 @@ def test_fused_mlps_give_the_same_logits_and_gradients_bit_for_bit(token_ids):
         assert torch.equal(fused_grads[name], grad), name
 
 
-def test_fused_mlps_keep_one_intermediate_tensor_less_per_layer(token_ids):
+def test_silu_mul_keeps_only_its_two_inputs():
+    gate, up = (torch.randn(4, 6, requires_grad=True) for _ in range(2))
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        silu_mul(gate * 1, up * 1)
+    assert len(kept) == 2 and all(t.shape == (4, 6) for t in kept)
+
+
+def _products_alive_after_forward(model: nn.Module, ids: torch.Tensor) -> list[bool]:
+    """For each MLP: is the tensor its down projection received still alive once the forward has returned?"""
+    refs: list[weakref.ref] = []
+    handles = [layer.mlp.down_proj.register_forward_hook(lambda m, args, out: refs.append(weakref.ref(args[0])))
+               for layer in model.model.layers]
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return alive
+
+
+def test_fused_mlps_keep_neither_the_silu_nor_the_product(token_ids):
     plain, fused = _adapted_pair()
     fuse_gated_mlps(fused)
+    assert _products_alive_after_forward(plain, token_ids) == [True, True]  # kept by down_proj for backward
+    assert _products_alive_after_forward(fused, token_ids) == [False, False]  # recomputed in backward instead
+    _, grads = _step(plain, token_ids)
+    _, fused_grads = _step(fused, token_ids)
+    assert all(torch.equal(fused_grads[n], g) for n, g in grads.items())
 
-    def kept_bytes(model: nn.Module) -> int:
-        kept: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=token_ids, labels=token_ids).loss.backward()
-        return sum(kept.values())
-
-    intermediate = token_ids.numel() * plain.config.intermediate_size * 4
-    assert kept_bytes(plain) - kept_bytes(fused) == plain.config.num_hidden_layers * intermediate
+def test_under_activation_checkpointing_the_checkpoint_decides_what_is_kept(token_ids):
+    plain, fused = _adapted_pair()
+    fuse_gated_mlps(fused)
+    for model in (plain, fused):
+        enable_activation_checkpointing(model)
+    _, grads = _step(plain, token_ids)
+    _, fused_grads = _step(fused, token_ids)
+    assert all(torch.equal(fused_grads[n], g) for n, g in grads.items())
+    assert _products_alive_after_forward(fused, token_ids) == [False, False]
 
 
 def test_silu_mul_gradients_match_finite_differences():
