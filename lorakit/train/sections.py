@@ -135,9 +135,9 @@ class RunSection:
         `full` (every parameter; the baseline LoRA is measured against) or `factors` (with `compress`, or a
         factorised model.name: only the factorised layers' U and V, plus the task head: recovery fine-tuning).
     activation_checkpointing: recompute activations in backward instead of keeping them (less memory, slower).
-    fused_swiglu: LLaMA-family MLPs keep SiLU(gate)·up's inputs only and recompute the SiLU in backward: one
-        (tokens, intermediate) tensor less per layer, the same numbers bit for bit (lorakit.swiglu); false:
-        the model's own forward.
+    fused_swiglu: LLaMA-family MLPs keep gate and up only and recompute SiLU(gate) and the product in backward:
+        two (tokens, intermediate) tensors less per layer for about 2% more step time, the same numbers bit for
+        bit (lorakit.swiglu); false: the model's own forward.
     mixed_precision: autocast the forward pass to bf16 or fp16 (fp16 needs CUDA); no: full precision.
     device: auto (CUDA when there is one), cpu or cuda.
     parallel: how processes under torchrun share the work: ddp (each holds the whole model and trains on its share
