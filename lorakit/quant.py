@@ -173,7 +173,8 @@ def _block_absmax_transient(state: Any) -> Tensor:
     blocks, block = codes.numel(), second.blocksize
     decoded = _scratch_buffer("absmax", blocks, torch.float32, codes.device)
     kernel = _cpu_kernel("cdequantize_blockwise_cpu_fp32") if codes.device.type == "cpu" else None
-    if kernel is not None and codes.dtype == torch.uint8 and codes.is_contiguous():
+    if (kernel is not None and codes.dtype == torch.uint8 and codes.is_contiguous()
+            and second.code.dtype == second.absmax.dtype == torch.float32):
         kernel(_pointer(second.code), _pointer(codes), _pointer(second.absmax), _pointer(decoded),
                ctypes.c_longlong(block), ctypes.c_longlong(blocks))
         return decoded.add_(state.offset)
