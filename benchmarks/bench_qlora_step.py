@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_qlora_step.py [--steps 5] [--warmup 1] [--batch-size 4] [--seq-len 128]
 
-The setting of the quantization issue: SmolLM2-135M-Instruct, a batch of 4 x 128 random token ids with labels =
+The reference setting: SmolLM2-135M-Instruct, a batch of 4 x 128 random token ids with labels =
 input ids, rank 16, alpha 32 on every attention and MLP projection, dropout 0, AdamW, fp32 factors. Arms, each on
 its own model:
 
