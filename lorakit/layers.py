@@ -397,23 +397,29 @@ def grouped_a_from_peft(module: LoraConv, dense: Tensor, key: str) -> Tensor:
 def peft_layout(modules: dict[str, LoraModule], params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Adapter tensors by state-dict key, with each grouped convolution's A in PEFT's dense layout."""
     out = dict(params)
-    for name, module in modules.items():
-        key = f"{name}.lora_A.weight"
-        if isinstance(module, LoraConv) and module.groups > 1 and key in out:
-            out[key] = grouped_a_to_peft(module, out[key])
+    for module, key in _grouped_a_keys(modules, out):
+        out[key] = grouped_a_to_peft(module, out[key])
     return out
 
 
 def lorakit_layout(modules: dict[str, LoraModule], found: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of `peft_layout`, for a file's tensors; a tensor of another shape is left for the caller's check."""
     out = dict(found)
+    for module, key in _grouped_a_keys(modules, out):
+        dense_shape = (module.rank, module.lora_A.weight.shape[1] * module.groups, *module.weight.shape[2:])
+        if tuple(out[key].shape) == dense_shape:
+            out[key] = grouped_a_from_peft(module, out[key], key)
+    return out
+
+
+def _grouped_a_keys(modules: dict[str, LoraModule], tensors: dict[str, Tensor]) -> list[tuple[LoraConv, str]]:
+    """(module, its A's key) for every grouped convolution whose A is among `tensors`."""
+    found: list[tuple[LoraConv, str]] = []
     for name, module in modules.items():
         key = f"{name}.lora_A.weight"
-        if isinstance(module, LoraConv) and module.groups > 1 and key in out:
-            dense_shape = (module.rank, module.lora_A.weight.shape[1] * module.groups, *module.weight.shape[2:])
-            if tuple(out[key].shape) == dense_shape:
-                out[key] = grouped_a_from_peft(module, out[key], key)
-    return out
+        if isinstance(module, LoraConv) and module.groups > 1 and key in tensors:
+            found.append((module, key))
+    return found
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
