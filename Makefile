@@ -46,6 +46,11 @@ bench: $(STAMP)
 	set -o pipefail; for b in $(BENCHMARKS); do \
 		echo "== $$b"; $(PY) benchmarks/$$b.py 2>&1 | grep -v -e '^warmup' -e '^round' -e '^Loading' | tee runs/bench/$$b.log || exit 1; \
 	done
+	# The QLoRA race again under jemalloc (run.allocator: jemalloc; docs/quantization.md), where it is installed.
+	set -o pipefail; if $(PY) -c "from lorakit.allocator import find_jemalloc as f; raise SystemExit(f() is None)"; then \
+		echo "== bench_qlora_step --allocator jemalloc"; $(PY) benchmarks/bench_qlora_step.py --allocator jemalloc 2>&1 \
+			| grep -v -e '^warmup' -e '^step' -e '^Loading' | tee runs/bench/bench_qlora_step_jemalloc.log || exit 1; \
+	else echo "== bench_qlora_step --allocator jemalloc: skipped, no jemalloc (apt-get install libjemalloc2)"; fi
 	grep -h '^{' runs/bench/*.log > runs/bench/results.jsonl
 
 lint: $(STAMP)

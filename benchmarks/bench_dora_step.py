@@ -95,7 +95,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "dora_step", "model": "smollm2", "batch_size": args.batch_size, "seq_len": args.seq_len,
         "rank": args.rank, "alpha": args.alpha, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,
-        "threads": torch.get_num_threads(), "memory_method": memory.method,
+        "threads": torch.get_num_threads(), "memory_method": memory.method, "allocator": memory.allocator,
         **{f"{name}_s": median[name] for name in steps}, **{f"{name}_peak_mb": peak_mb[name] for name in steps},
         **ratios, **{f"first_loss_{name}": loss for name, loss in first_losses.items()},
     }))

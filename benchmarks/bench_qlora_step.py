@@ -109,7 +109,7 @@ def main() -> None:
     print(f"first-step loss: qlora {first['qlora']:.6f}, peft_bnb {first['peft_bnb']:.6f}, lora {first['lora']:.6f}")
     print(json.dumps({"benchmark": "qlora_step", "model": "smollm2", "batch_size": args.batch_size,
                       "seq_len": args.seq_len, "rank": args.rank, "steps": args.steps, "warmup": args.warmup,
-                      "threads": torch.get_num_threads(), "memory_method": memory.method,
+                      "threads": torch.get_num_threads(), "memory_method": memory.method, "allocator": memory.allocator,
                       **{f"{n}_s": median[n] for n in steps}, **{f"{n}_mb": total_mb[n] for n in steps}, **ratios}))
 
 

@@ -17,7 +17,8 @@ fp32. Four steps, each on its own copy of the model:
 All use lr 1e-4 and weight decay 0.01 (torch's AdamW default). Run A B C D A B C D ... after `--warmup` rounds
 (which also create the optimizers' state). Prints the median time of each, the ratios, and one JSON line.
 
-Peak memory of a step: free heap memory is handed back to the OS (`malloc_trim(0)`), the kernel's resident-set
+Peak memory of a step: free heap memory is handed back to the OS (glibc's `malloc_trim(0)`, or jemalloc's purge of
+every arena where jemalloc is preloaded), the kernel's resident-set
 high-water mark is reset (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), and the figure is VmHWM after the step
 minus VmRSS before it: the most memory the step held at once beyond what was resident before, exact to the page
 and independent of sampling. Where clear_refs cannot be written, a thread samples the RSS every millisecond
@@ -32,6 +33,7 @@ import ctypes
 import json
 import re
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,8 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraConfig, inject
+from lorakit.allocator import ALLOCATORS, active_allocator, use_allocator
+from lorakit.errors import LorakitError
 from lorakit.models import load_model
 from lorakit.train.loop import build_optimizer
 from lorakit.train.run import enable_activation_checkpointing
@@ -65,19 +69,33 @@ def _can_reset_peak() -> bool:
         return False
 
 
+def _free_memory_release() -> tuple[str, Callable[[], None]]:
+    """(the allocator serving this process, a function that hands its free memory back to the OS): jemalloc's
+    purge of every arena under jemalloc (`--allocator jemalloc`), glibc's `malloc_trim(0)` under glibc."""
+    allocator, process = active_allocator(), ctypes.CDLL(None)
+    if allocator == "jemalloc":
+        def purge() -> None:
+            if process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) != 0:  # all arenas
+                raise RuntimeError("jemalloc refused arena.4096.purge")
+
+        return allocator, purge
+    if allocator == "glibc":
+        def trim_heap() -> None:
+            process.malloc_trim(0)
+
+        return allocator, trim_heap
+    return allocator, lambda: None
+
+
 class PeakMemory:
     """Peak resident memory of a block beyond the resident memory before it, in bytes (see the docstring)."""
 
     def __init__(self) -> None:
         self.method = "vmhwm" if _can_reset_peak() else "rss-sampling-1ms"
-        try:
-            self._trim: Callable[[int], int] | None = ctypes.CDLL("libc.so.6").malloc_trim
-        except OSError:
-            self._trim = None
+        self.allocator, self._release = _free_memory_release()
 
     def measure(self, step: Callable[[], None]) -> int:
-        if self._trim is not None:
-            self._trim(0)
+        self._release()
         before = _status_kb("VmRSS") * 1024
         if self.method == "vmhwm":
             Path("/proc/self/clear_refs").write_text("5")
@@ -110,9 +128,15 @@ def step_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                        help="jemalloc: start again with jemalloc preloaded (lorakit.allocator), as run.allocator does")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    try:
+        use_allocator(args.allocator, [sys.executable, *sys.argv])
+    except LorakitError as e:
+        parser.error(str(e))
     return args
 
 
@@ -213,7 +237,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "train_step", "model": "smollm2", "batch_size": args.batch_size, "seq_len": args.seq_len,
         "rank": args.rank, "alpha": args.alpha, "dtype": "float32", "steps": args.steps, "warmup": args.warmup,
-        "threads": torch.get_num_threads(), "memory_method": memory.method,
+        "threads": torch.get_num_threads(), "memory_method": memory.method, "allocator": memory.allocator,
         **{f"{name}_s": median[name] for name in steps}, **{f"{name}_peak_mb": peak_mb[name] for name in steps},
         **ratios, "first_loss_lorakit": first_losses["lorakit"], "first_loss_peft": first_losses["peft"],
     }))

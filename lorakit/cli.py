@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lorakit.allocator import use_allocator
 from lorakit.cli_output import json_line, print_table
 from lorakit.cli_tools import TOOL_COMMANDS, add_tool_flags
 from lorakit.errors import LorakitError
@@ -50,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     if args.record:
         check_results_file(args.record)  # before hours of training, not after
+    use_allocator(config.run.allocator, args.relaunch)  # may start this command again under jemalloc
     summary = train_from_config(config, resume=args.resume, force=args.force, progress=not args.quiet)
     if not World.from_env().is_main:  # under torchrun, rank 0 reports for the job
         return 0
@@ -69,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     if args.record:
         check_results_file(args.record)
+    use_allocator(config.run.allocator, args.relaunch)
     evaluation = evaluate_from_config(config, adapter=args.adapter, num_beams=args.num_beams)
     if args.record:
         command = " ".join(["lorakit", "eval", args.config, *args.overrides,
@@ -274,10 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input prints one `error:` line and returns 2, an unexpected failure one line and 1
     (with the traceback under -v)."""
+    from_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
         args = _parse(argv)
+        # The command line that starts this command again (run.allocator: jemalloc); None when main() was called
+        # with an argv of its own, as a function inside another program, which must not be replaced.
+        args.relaunch = [sys.executable, "-m", "lorakit", *argv] if from_process else None
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(message)s")
         if not args.verbose:

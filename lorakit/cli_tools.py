@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lorakit.allocator import use_allocator
 from lorakit.cli_output import json_line, print_table
 from lorakit.errors import LorakitError
 
@@ -33,6 +34,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     check_budget_args(args.budget, args.like_rank)
     config = load_train_config(args.config, args.overrides)
     check_output_file(args.out, force=args.force, inputs=[args.config])  # before the model loads
+    use_allocator(config.run.allocator, args.relaunch)
     allocation = allocate_from_config(config, budget=args.budget, like_rank=args.like_rank, probe=args.probe,
                                       probe_batches=args.probe_batches, max_rank=args.max_rank,
                                       scaling=args.scaling)

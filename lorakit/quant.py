@@ -304,8 +304,33 @@ def quantize_model(model: nn.Module, kind: str, compute_dtype: torch.dtype = tor
         else:  # an adapted layer (a principal init's residual, or an adapter loaded on the dense base)
             module.weight = quantize_weight(module.weight.data, kind)
             module.quantized = True
+    own_dense_tensors(model)
     model.lorakit_quantization = kind  # type: ignore[assignment]
     return names
+
+
+def own_dense_tensors(model: nn.Module) -> None:
+    """Copy the model's dense parameters and buffers into memory of their own, tensors that shared a storage
+    (tied embeddings) still sharing one.
+
+    transformers loads a safetensors checkpoint as views of the memory-mapped file. Once the block linears are
+    quantized, the embeddings and norms that stay dense would keep the whole file mapped, and every page of the
+    fp32 weights that quantizing read stays resident: 400-500 MB for SmolLM2 (docs/quantization.md)."""
+    copies: dict[int, torch.UntypedStorage] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for registry in (module._parameters, module._buffers):
+                for tensor in registry.values():
+                    if tensor is None or is_quantized(tensor) or tensor.device.type == "meta":
+                        continue
+                    storage = tensor.untyped_storage()
+                    if storage.nbytes() != tensor.numel() * tensor.element_size():  # a view into a larger block
+                        tensor.data = tensor.data.clone()
+                        continue
+                    if storage.data_ptr() not in copies:
+                        copies[storage.data_ptr()] = storage.clone()
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+                        copies[storage.data_ptr()], tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def model_quantization(model: nn.Module) -> str | None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, tiny_bert, tiny_llama
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from lorakit import LoraConfig, LorakitError, inject, merge, quant
 from lorakit.errors import ConfigError
@@ -72,6 +75,24 @@ def test_quantize_model_quantizes_block_linears_only():
     dense = ["bert.embeddings.word_embeddings", "bert.pooler.dense", "classifier",
              "bert.encoder.layer.0.output.LayerNorm"]
     assert not any(quant.is_quantized(modules[n].weight) for n in dense)
+
+
+def _mapped(path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+def test_quantized_model_releases_the_checkpoint_file_it_was_loaded_from(tmp_path):
+    tiny_llama(tie=True).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    checkpoint = (tmp_path / "model.safetensors").resolve()
+    assert _mapped(checkpoint)  # transformers loaded it as views of the mapped file
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    quant.quantize_model(model, "nf4")
+    gc.collect()
+    assert not _mapped(checkpoint)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, still one storage
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
 
 
 @pytest.mark.parametrize("kind, limit", [("nf4", 0.16), ("int8", 0.28)])

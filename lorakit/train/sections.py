@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.allocator import ALLOCATORS
 from lorakit.config import BIAS_MODES, INIT_METHODS, LoraConfig
 from lorakit.train.data import FORMATS
 from lorakit.train.readers import check_encoding
@@ -144,6 +145,11 @@ class RunSection:
         of the batch) or fsdp (each holds 1/N of every weight, gathered block by block: for a base too big for one
         device; needs torchrun; see docs/distributed.md).
     fsdp_offload: with fsdp on CUDA, keep the weight shards, gradients and optimizer state in CPU memory.
+    allocator: the memory allocator of the lorakit command: system (the C library's malloc) or jemalloc, for which
+        the command starts itself again with jemalloc preloaded (lorakit.allocator; install libjemalloc2, or set
+        LORAKIT_JEMALLOC to the library). On CPU, glibc's malloc leaves a training step's freed activations as
+        holes it does not refill in place, and the process holds more memory than its tensors need: measured in
+        docs/quantization.md.
     """
 
     out_dir: str = "runs/default"
@@ -162,6 +168,7 @@ class RunSection:
     device: str = "auto"
     parallel: str = "ddp"
     fsdp_offload: bool = False
+    allocator: str = "system"
 
 
 @dataclass
@@ -263,6 +270,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.method": ("lora", "head-only", "full", "factors"),
     "run.parallel": ("ddp", "fsdp"),
+    "run.allocator": ALLOCATORS,
     "compress.method": ("svd", "activation"),
 }
 _SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int
