@@ -89,7 +89,7 @@ def relaunch_under_jemalloc(command: list[str]) -> None:
     if library is None:
         raise LorakitError(f"jemalloc was asked for but not found: install it (Debian/Ubuntu: apt-get install "
                            f"libjemalloc2) or set {PATH_VARIABLE} to libjemalloc.so.2; or use the system allocator")
-    env = dict(os.environ)
+    env = dict(os.environ)  # the processes it starts inherit the preload, as they would from the shell
     env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
     env[_RELAUNCHED] = "jemalloc"
     sys.stdout.flush()
@@ -103,8 +103,10 @@ def use_allocator(name: str, command: list[str] | None) -> None:
     line (the CLI called as a function), which cannot be started again: a `LorakitError` then."""
     if name not in ALLOCATORS:
         raise LorakitError(f"unknown allocator {name!r}: choose one of {', '.join(ALLOCATORS)}")
-    if name == "system" or active_allocator() == "jemalloc":
-        log.info("memory allocator: %s", active_allocator())
+    if name == "system":
+        return
+    if active_allocator() == "jemalloc":
+        log.info("memory allocator: jemalloc")
         return
     if command is None:
         raise LorakitError("jemalloc must serve the process from its start: run the lorakit command itself, or "
