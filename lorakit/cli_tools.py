@@ -57,6 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from lorakit.sweep.run import run_sweep
 
     plan = plan_sweep(args.config, args.overrides, out_dir=args.out)  # every point checked before any training
+    use_allocator(plan.allocator(), args.relaunch)
     result = run_sweep(plan, force=args.force, record=args.record, note=args.note, progress=not args.quiet,
                        echo=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(table_lines(plan.metric, result.rows)))

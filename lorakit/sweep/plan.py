@@ -58,6 +58,15 @@ class SweepPlan:
         return {"config": os.path.realpath(self.config_path), "grid": {a.key: list(a.values) for a in self.axes},
                 "fixed": self.fixed, "fingerprint": fingerprint(configs)}
 
+    def allocator(self) -> str:
+        """The memory allocator (`run.allocator`) of every point: one process trains them all, so a grid over it is
+        refused (`LorakitError`)."""
+        chosen = sorted({p.config.run.allocator for p in self.points})
+        if len(chosen) > 1:
+            raise LorakitError(f"run.allocator must be the same for every point of a sweep (one process trains "
+                               f"them all), got {', '.join(chosen)}: run one sweep per allocator")
+        return chosen[0]
+
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """A point's config (`TrainConfig.to_dict()`, or a run's config.json) as compared between runs: without

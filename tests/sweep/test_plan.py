@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.sweep.plan import plan_sweep
 from lorakit.train.config import load_train_config
 
@@ -80,3 +80,10 @@ def test_the_identity_changes_when_the_config_file_changes(config: Path) -> None
     config.write_text(config.read_text().replace("seed: 3", "seed: 4"))
     after = plan_sweep(config, ["--lora.rank=2,4"]).identity()
     assert after["grid"] == before["grid"] and after["fingerprint"] != before["fingerprint"]
+
+
+def test_the_sweep_runs_under_the_one_allocator_its_points_share(config: Path) -> None:
+    assert plan_sweep(config, ["--lora.rank=2,4", "--run.allocator=jemalloc"]).allocator() == "jemalloc"
+    assert plan_sweep(config, ["--lora.rank=2,4"]).allocator() == "system"
+    with pytest.raises(LorakitError, match="run.allocator must be the same for every point"):
+        plan_sweep(config, ["--run.allocator=system,jemalloc"]).allocator()
