@@ -4,11 +4,11 @@ one forward pass, dense, NF4 and int8.
     .venv/bin/python benchmarks/quant_resident.py
 
 Each load runs in a fresh process: the resident set (anonymous and file-backed pages, /proc/self/status) after
-`import lorakit` and after the load and a forward pass over 8 tokens (which reads every weight), with unreachable objects collected and glibc's free heap handed back
-(`malloc_trim(0)`), so the difference is what the loaded model holds. `nf4, file kept mapped` is the NF4 load with
-`quant.own_dense_tensors` switched off: the dense embeddings and norms then stay views of the memory-mapped
-checkpoint, and the fp32 pages that quantizing read stay resident with it. The model's stored bytes
-(`quant.base_bytes`) are printed beside. Prints one line per load and one JSON line.
+`import lorakit` and after the load and a forward pass over 8 tokens (which reads every weight), with unreachable
+objects collected and glibc's free heap handed back (`malloc_trim(0)`), so the difference is what the loaded model
+holds. `nf4, file kept mapped` is the NF4 load with `quant.own_dense_tensors` switched off: the dense embeddings
+and norms then stay views of the memory-mapped checkpoint, and the fp32 pages that quantizing read stay resident
+with it. The model's stored bytes (`quant.base_bytes`) are printed beside. Prints one line per load and one JSON line.
 """
 
 from __future__ import annotations

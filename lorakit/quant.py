@@ -315,8 +315,9 @@ def own_dense_tensors(model: nn.Module) -> None:
 
     transformers loads a safetensors checkpoint as views of the memory-mapped file. Once the block linears are
     quantized, the embeddings and norms that stay dense would keep the whole file mapped, and every page of the
-    fp32 weights that quantizing read stays resident: 400-500 MB for SmolLM2 (docs/quantization.md)."""
-    copies: dict[int, torch.UntypedStorage] = {}
+    fp32 weights that quantizing read stays resident: about 400 MB for SmolLM2 (docs/quantization.md)."""
+    copies: dict[int, torch.UntypedStorage] = {}  # by the data pointer of the storage copied
+    owned: set[int] = set()  # data pointers of the copies (a tied tensor is met once per module holding it)
     with torch.no_grad():
         for module in model.modules():
             for registry in (module._parameters, module._buffers):
@@ -324,11 +325,15 @@ def own_dense_tensors(model: nn.Module) -> None:
                     if tensor is None or is_quantized(tensor) or tensor.device.type == "meta":
                         continue
                     storage = tensor.untyped_storage()
+                    if storage.data_ptr() in owned:
+                        continue
                     if storage.nbytes() != tensor.numel() * tensor.element_size():  # a view into a larger block
                         tensor.data = tensor.data.clone()
+                        owned.add(tensor.untyped_storage().data_ptr())
                         continue
                     if storage.data_ptr() not in copies:
                         copies[storage.data_ptr()] = storage.clone()
+                        owned.add(copies[storage.data_ptr()].data_ptr())
                     tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
                         copies[storage.data_ptr()], tensor.storage_offset(), tensor.size(), tensor.stride())
 
