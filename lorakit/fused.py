@@ -25,13 +25,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from lorakit import gemm
+
 
 def forward_products(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(x as (N, in), h = x Aᵀ (N, r), the output (N, out))."""
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
-    h = flat @ a.T  # (N, r)
-    out = torch.addmm(bias, flat, weight.T) if bias is not None else flat @ weight.T  # (N, out)
+    h = gemm.linear(flat, a)  # (N, r)
+    out = gemm.linear(flat, weight, bias)  # (N, out)
     out.addmm_(h, b.T, alpha=scaling)
     return flat, h, out
 
@@ -40,12 +42,12 @@ def backward_products(g: Tensor, flat: Tensor, h: Tensor, weight: Tensor, a: Ten
                       input_shape: torch.Size, need_x: bool, need_w: bool, need_a: bool, need_b: bool
                       ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dW, dA, dB) of `forward_products`' output for its gradient g (N, out); None where not needed."""
-    g_h = (g @ b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
+    g_h = gemm.matmul(g, b).mul_(scaling) if (need_x or need_a) else None  # (N, r)
     grad_b = (g.T @ h).mul_(scaling) if need_b else None  # (out, r)
-    grad_a = g_h.T @ flat if need_a and g_h is not None else None  # (r, in)
+    grad_a = gemm.matmul(g_h.T, flat) if need_a and g_h is not None else None  # (r, in)
     grad_x = None
     if need_x and g_h is not None:
-        grad_x = (g @ weight).addmm_(g_h, a).view(input_shape)  # (..., in)
+        grad_x = gemm.matmul(g, weight).addmm_(g_h, a).view(input_shape)  # (..., in)
     grad_w = g.T @ flat if need_w else None
     return grad_x, grad_w, grad_a, grad_b
 

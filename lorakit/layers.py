@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lorakit import dora as dora_math
-from lorakit import quant
+from lorakit import gemm, quant
 from lorakit.errors import LorakitError, MergeStateError
 from lorakit.fused import lora_linear
 from lorakit.quant_fused import quant_lora_linear
@@ -121,7 +121,7 @@ class LoraLinear(nn.Module):
         if self.quantized:
             return quant.linear(x, self.weight, self.bias)
         if not self.fan_in_fan_out:
-            return F.linear(x, self.weight, self.bias)
+            return gemm.linear_function(x, self.weight, self.bias)
         # Same arithmetic as transformers' Conv1D, so outputs match the unadapted model bit for bit.
         shape = x.shape[:-1] + (self.out_features,)
         flat = x.reshape(-1, x.shape[-1])  # (N, in)

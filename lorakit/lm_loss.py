@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from lorakit import gemm
 from lorakit.distributed import unwrap
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _chunk_cross_entropy(rows: Tensor, weight: Tensor, bias: Tensor | None, targ
     """Summed cross-entropy of one chunk of n rows; writes d/d rows into `grad_rows` (n, H) and adds d/d weight
     and d/d bias into the accumulators that are given. Its own function so that the chunk's (n, V) tensor is
     freed before the next chunk's is allocated."""
-    logits = F.linear(rows, weight, bias).float()  # (n, V)
+    logits = gemm.linear(rows, weight, bias).float()  # (n, V)
     picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
     # logsumexp by hand, in place: torch.logsumexp would allocate a second (n, V) tensor.
     top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
@@ -200,7 +201,7 @@ def linear_backward(grad_logits: Tensor, rows: Tensor, weight: Tensor, grad_rows
     `grad_rows` and add d/d weight (V, H) and d/d bias (V,) into the accumulators given."""
     grad = grad_logits.to(weight.dtype)
     if grad_rows is not None:
-        grad_rows.copy_(grad @ weight)
+        grad_rows.copy_(gemm.matmul(grad, weight))
     if grad_weight is not None:
         grad_weight += grad.T @ rows.to(weight.dtype)
     if grad_bias is not None:

@@ -18,9 +18,9 @@ import threading
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit import gemm
 from lorakit.errors import LorakitError
 
 KINDS = ("nf4", "int8")
@@ -250,13 +250,16 @@ class _QuantLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.weight = weight
         ctx.dtype = x.dtype
-        return F.linear(x, dequantize_transient(weight, x.dtype), bias)
+        return gemm.linear(x, dequantize_transient(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         need_x, _, need_bias = ctx.needs_input_grad
-        grad_x = grad @ dequantize_transient(ctx.weight, grad.dtype) if need_x else None  # (..., in)
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
+        flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = None
+        if need_x:
+            grad_x = gemm.matmul(flat, dequantize_transient(ctx.weight, grad.dtype)).view(*grad.shape[:-1], -1)
+        grad_bias = flat.sum(0) if need_bias else None
         return grad_x, None, grad_bias
 
 
@@ -265,7 +268,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         out: Tensor = _QuantLinear.apply(x, weight, bias)
         return out
-    return F.linear(x, dequantize_transient(weight, x.dtype), bias)
+    return gemm.linear(x, dequantize_transient(weight, x.dtype), bias)
 
 
 def _is_dense_lora_linear(module: nn.Module) -> bool:

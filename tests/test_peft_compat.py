@@ -23,7 +23,8 @@ from lorakit.layers import lora_modules
 
 peft = pytest.importorskip("peft")
 
-RTOL = TOLERANCES[torch.float32][0]  # same weights and the same ops: outputs agree to fp32 roundoff
+# Same weights and the same ops, lorakit's products through oneDNN and PEFT's through torch's BLAS (lorakit.gemm).
+RTOL = TOLERANCES["fp32 other GEMM kernel"][0]
 # A principal init subtracts s·B·A from W and the adapter adds it back: invariants through a residual base.
 PRINCIPAL_RTOL = TOLERANCES["fp32 reordered"][0]
 CHANGED = TOLERANCES["adapter changes output"][0]

@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lorakit import quant
+from lorakit import gemm, quant
 from lorakit.errors import LorakitError
 from lorakit.factorized import is_factorized_dir
 from lorakit.inference import HEAD_FOR_TASK, factorized_base, load_for_inference
@@ -58,8 +58,14 @@ def evaluate_from_config(config: TrainConfig, adapter: str | Path | None = None,
     model directory (then the adapter must fit it).
 
     Raises LorakitError for a base model without the head the task needs (a new classifier has nothing to score
-    before training), for missing evaluation data, and for a bad `num_beams`.
+    before training), for missing evaluation data, and for a bad `num_beams`. The products run on
+    `run.cpu_matmul`'s kernel (lorakit.gemm).
     """
+    with gemm.cpu_matmul(config.run.cpu_matmul):
+        return _evaluate(config, adapter, num_beams)
+
+
+def _evaluate(config: TrainConfig, adapter: str | Path | None, num_beams: int) -> Evaluation:
     from lorakit.generation import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=max(config.data.max_length // 2, 1), num_beams=num_beams)

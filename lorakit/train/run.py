@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lorakit import distributed, sharding
+from lorakit import distributed, gemm, sharding
 from lorakit.compress import FactorizeReport, LowRankLinear, factorization_of, save_factorized
 from lorakit.config import LoraConfig
 from lorakit.distill import check_teacher_source
@@ -257,7 +257,8 @@ def train_from_config(config: TrainConfig, *, resume: bool = False, force: bool 
     world = world or distributed.init_world(device)
     device = distributed.device_for(world, device)
     try:
-        return _train(config, world, device, resume=resume, progress=progress)
+        with gemm.cpu_matmul(config.run.cpu_matmul):
+            return _train(config, world, device, resume=resume, progress=progress)
     except LorakitError:
         if fresh and world.is_main:
             _remove_unused(out_dir)

@@ -12,6 +12,7 @@ from typing import Any
 
 from lorakit.allocator import ALLOCATORS
 from lorakit.config import BIAS_MODES, INIT_METHODS, LoraConfig
+from lorakit.gemm import CHOICES as CPU_MATMULS
 from lorakit.train.data import FORMATS
 from lorakit.train.readers import check_encoding
 
@@ -150,6 +151,10 @@ class RunSection:
         LORAKIT_JEMALLOC to the library). On CPU, glibc's malloc leaves a training step's freed activations as
         holes it does not refill in place, and the process holds more memory than its tensors need: measured in
         docs/quantization.md.
+    cpu_matmul: the kernel of the fp32 products on the CPU (the frozen base's and the language-model head's):
+        auto (oneDNN where torch has it, else torch's own), onednn, or blas (torch's own, oneMKL in the x86
+        wheels). On the AMD EPYC of docs/benchmarks.md oneDNN runs them 2.2-2.4x faster than oneMKL; the results
+        equal torch's to fp32 rounding (lorakit.gemm).
     """
 
     out_dir: str = "runs/default"
@@ -169,6 +174,7 @@ class RunSection:
     parallel: str = "ddp"
     fsdp_offload: bool = False
     allocator: str = "system"
+    cpu_matmul: str = "auto"
 
 
 @dataclass
@@ -271,6 +277,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.method": ("lora", "head-only", "full", "factors"),
     "run.parallel": ("ddp", "fsdp"),
     "run.allocator": ALLOCATORS,
+    "run.cpu_matmul": CPU_MATMULS,
     "compress.method": ("svd", "activation"),
 }
 _SEEDS = 2**63  # torch.manual_seed takes at most a 64-bit int

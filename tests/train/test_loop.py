@@ -16,6 +16,7 @@ import torch
 from conftest import approx, assert_close, write_config
 from safetensors.torch import load_file
 
+from lorakit import gemm
 from lorakit.train.checkpoint import list_checkpoints, load_trainer_state
 from lorakit.train.config import load_train_config
 from lorakit.train.evaluate import evaluate_from_config
@@ -236,3 +237,19 @@ def test_evaluated_method_reads_the_run_that_wrote_the_adapter_or_model(tmp_path
     stray.mkdir(parents=True)
     assert evaluated_method("smollm2", stray) == "adapter"
     assert evaluated_method("smollm2", None) == "base"
+
+
+@pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
+def test_run_cpu_matmul_holds_for_the_run_and_no_longer(tmp_path, tiny_classifier_dir, sentiment_tsv, monkeypatch):
+    import lorakit.train.evaluate as evaluate_module
+    import lorakit.train.run as run_module
+
+    seen = []
+    monkeypatch.setattr(run_module, "_train", lambda *args, **kwargs: seen.append(gemm.active_cpu_matmul()))
+    monkeypatch.setattr(evaluate_module, "_evaluate", lambda *args: seen.append(gemm.active_cpu_matmul()))
+    assert gemm.active_cpu_matmul() == "onednn"  # the library's default where torch has oneDNN
+    config = load_train_config(write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "r",
+                                            run={"cpu_matmul": "blas"}))
+    train_from_config(config)
+    evaluate_from_config(config)
+    assert seen == ["blas", "blas"] and gemm.active_cpu_matmul() == "onednn"

@@ -56,7 +56,7 @@ def test_flag_problems_name_the_flag(tmp_path):
                      "(2) flag --run.sed=1: unknown key run.sed (did you mean 'seed'?); known keys: out_dir, seed, "
                      "eval_every, save_every, keep_last, early_stopping, log_every, eval_batch_size, group_by_length, "
                      "method, activation_checkpointing, fused_swiglu, mixed_precision, device, parallel, fsdp_offload, "
-                     "allocator"]
+                     "allocator, cpu_matmul"]
 
 
 def test_lora_problems_from_its_own_validation_join_the_others(tmp_path):
