@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from lorakit import gemm
 from lorakit.errors import LorakitError
 from lorakit.fused import backward_products, forward_products, lora_linear
 
@@ -58,7 +59,7 @@ def row_norms(weight_matrix: Tensor, a: Tensor, b: Tensor, scaling: float, *,
         if weight_squared is None:
             weight_squared = torch.linalg.vector_norm(weight_matrix, dim=1, dtype=torch.float32).square()
         a32, b32 = a.float(), b.float()
-        wa = (weight_matrix @ a.to(weight_matrix.dtype).T).float()  # (out, r)
+        wa = gemm.linear(weight_matrix, a.to(weight_matrix.dtype)).float()  # (out, r)
         # (2s·W Aᵀ + s²·B (A Aᵀ)) ⊙ B summed per row: both cross terms in one product and one reduction
         cross = torch.addmm(wa, b32, a32 @ a32.T, beta=2 * scaling, alpha=scaling * scaling)
         squared = torch.linalg.vecdot(cross, b32).add_(weight_squared)
