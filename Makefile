@@ -40,7 +40,7 @@ fuzz: $(STAMP)
 # The performance races against PEFT, the base model and full fine-tuning (docs/benchmarks.md), one after
 # another on a quiet machine (about 11 minutes on 2 idle cores before the quantization and serving benchmarks
 # were added; the whole run has not been timed since). Logs and the JSON lines go to runs/bench/.
-BENCHMARKS := bench_train_step bench_dora_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward bench_qlora_step quant_figures quant_resident serve_load
+BENCHMARKS := bench_cpu_matmul bench_train_step bench_dora_step bench_inference bench_injection bench_principal_init bench_mixed_batch bench_whole_run bench_analyze bench_factorized_forward bench_qlora_step quant_figures quant_resident serve_load
 bench: $(STAMP)
 	mkdir -p runs/bench
 	set -o pipefail; for b in $(BENCHMARKS); do \
