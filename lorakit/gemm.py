@@ -20,7 +20,8 @@ The choice is process-wide:
 - `blas`: torch's own kernel (`mm`, `F.linear`) everywhere.
 
 oneDNN serves float32 CPU tensors outside autograd (inside lorakit's fused autograd nodes, or under `no_grad`);
-anything else (CUDA, other dtypes, a tensor that needs a graph) takes torch's own kernel whatever the choice.
+anything else (CUDA, other dtypes, a tensor that needs a graph, a product under autocast) takes torch's own kernel
+whatever the choice.
 `linear_function` is `linear` with its own backward, for bases outside the fused nodes. The results equal
 torch's to fp32 rounding, not bit for bit: the two libraries add the products in different orders.
 """
@@ -77,13 +78,22 @@ def cpu_matmul(choice: str) -> Iterator[str]:
         _state["onednn"] = previous
 
 
-def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def _onednn_kind(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """fp32 CPU operands of a 2-D weight, oneDNN chosen, and no autocast (which picks each product's dtype itself)."""
     if not _state["onednn"] or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or (bias is not None and bias.dtype != torch.float32):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))
+    return not torch.is_autocast_enabled("cpu")
+
+
+def _needs_graph(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def _onednn_serves(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return _onednn_kind(x, weight, bias) and not _needs_graph(x, weight, bias)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -124,11 +134,9 @@ class _Linear(torch.autograd.Function):
 def linear_function(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`linear` that autograd can differentiate: oneDNN in forward and for the input gradient where it serves,
     torch's kernel for the weight's gradient (a reduction over the tokens)."""
-    if not _state["onednn"] or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or weight.dim() != 2 or (bias is not None and bias.dtype != torch.float32):
+    if not _onednn_kind(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _needs_graph(x, weight, bias):
         out: Tensor = _Linear.apply(x, weight, bias)
         return out
     return linear(x, weight, bias)

@@ -72,6 +72,9 @@ def test_what_onednn_does_not_serve_takes_torchs_kernel():
     assert out.requires_grad and torch.equal(out, F.linear(x, w))
     with torch.no_grad():
         assert not gemm.linear(x, w).requires_grad
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, as F.linear runs it
+            assert gemm.linear(x, w).dtype == torch.bfloat16
+            assert gemm.linear_function(x, w).dtype == torch.bfloat16
 
 
 @needs_onednn
