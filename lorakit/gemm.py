@@ -1,11 +1,11 @@
 """Dense fp32 matrix products on the CPU through oneDNN, the library torch bundles for its CPU deep-learning kernels.
 
 torch's `mm` and `F.linear` hand fp32 CPU products to its BLAS, Intel's oneMKL in the x86 wheels. On the AMD EPYC
-(AVX-512) where lorakit's benchmarks run, a 512 x 576 by 576 x 1536 product runs at about 208 GFLOP/s on 2 threads
-through torch's `mm` and 470-490 GFLOP/s through oneDNN (the same operands, fp32 arithmetic, errors of the same
-order against a float64 product; measured in docs/benchmarks.md). The products that dominate a LoRA training step,
-the frozen base's forward and input-gradient products and the language-model head's, go through `linear` and
-`matmul` here.
+(AVX-512) where lorakit's benchmarks run, a 512 x 576 by 576 x 1536 product runs at about 200 GFLOP/s on 2 threads
+through torch's `mm` and 440-480 GFLOP/s through oneDNN (the same operands, fp32 arithmetic, errors against a
+float64 product of the same order, oneDNN's up to twice oneMKL's; docs/benchmarks.md, section 12). The products
+that dominate a LoRA training step, the frozen base's forward and input-gradient products and the language-model
+head's, go through `linear` and `matmul` here.
 
     gemm.linear(x, w, b)      # x wᵀ + b,  x (N, in), w (out, in)
     gemm.matmul(a, b)         # a b,       a (N, k),  b (k, M)
