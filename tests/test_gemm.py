@@ -18,7 +18,7 @@ def restore_choice():
     gemm.set_cpu_matmul(previous)
 
 
-def _close_to_float64(result, reference, size):
+def assert_close_to_float64(result, reference, size):
     """Within fp32 rounding of a float64 product: the error of a sum of `size` products, relative to its scale."""
     assert result.dtype == torch.float32 and result.shape == reference.shape
     if reference.numel() == 0:
@@ -38,7 +38,7 @@ def test_linear_runs_onednn_and_equals_a_float64_product(shape, with_bias):
     out = gemm.linear(x, w, b)
     assert out.shape == (*shape[:-1], 40)
     reference = x.double() @ w.double().T + (b.double() if b is not None else 0)
-    _close_to_float64(out, reference, 24)
+    assert_close_to_float64(out, reference, 24)
     flat = x.reshape(-1, 24)
     onednn = torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "").view(out.shape)
     assert torch.equal(out, onednn)  # the product came from oneDNN, not from torch's own kernel
@@ -49,7 +49,7 @@ def test_matmul_takes_operands_in_any_strides():
     torch.manual_seed(1)
     a, b = torch.randn(24, 50).T, torch.randn(30, 24).T  # (50, 24) and (24, 30), both transposed views
     gemm.set_cpu_matmul("onednn")
-    _close_to_float64(gemm.matmul(a, b), a.double() @ b.double(), 24)
+    assert_close_to_float64(gemm.matmul(a, b), a.double() @ b.double(), 24)
 
 
 def test_blas_is_torchs_own_kernel_bit_for_bit():
@@ -89,7 +89,7 @@ def test_linear_function_gradients_match_autograd():
     theirs = [t.clone().requires_grad_() for t in (x, w, b)]
     F.linear(*theirs).backward(g)
     for mine, reference in zip(ours, theirs, strict=True):
-        _close_to_float64(mine.grad, reference.grad, 12 * 40)
+        assert_close_to_float64(mine.grad, reference.grad, 12 * 40)
 
 
 @needs_onednn
