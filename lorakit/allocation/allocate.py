@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lorakit import gemm
 from lorakit.allocation.budget import allocate_ranks, minimum_budget, uniform_budget
 from lorakit.allocation.probes import PROBES, activation_spectra, gradient_spectra
 from lorakit.config import LoraConfig
@@ -147,7 +148,8 @@ def allocate_from_config(config: TrainConfig, *, budget: int | None = None, like
     model.to(device)
     batches = probe_batch_list(task, prepared.train, config, probe_batches, device)
     started = time.perf_counter()
-    spectra = _PROBE_FUNCTIONS[probe](model, task.loss, batches, names)
+    with gemm.cpu_matmul(config.run.cpu_matmul):
+        spectra = _PROBE_FUNCTIONS[probe](model, task.loss, batches, names)
     seconds = time.perf_counter() - started
     log.info("%s probe on %d batches: %.1f s", probe, len(batches), seconds)
     ranks = allocate_ranks(spectra, costs, total, min_rank=min_rank, max_rank=max_rank)

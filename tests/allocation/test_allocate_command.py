@@ -7,6 +7,7 @@ import torch
 import yaml
 from conftest import assert_close, write_config
 
+from lorakit import gemm
 from lorakit.allocation.allocate import allocate_from_config, probe_batch_list
 from lorakit.allocation.budget import uniform_budget
 from lorakit.allocation.probes import activation_spectra
@@ -89,3 +90,20 @@ def test_allocate_takes_config_overrides_and_replaces_its_file_with_force(config
     assert main(argv) == 2  # the file exists
     assert main([*argv[:4], "2000", *argv[5:], "--force"]) == 0
     assert yaml.safe_load(out.read_text()) == dict.fromkeys(first, 5)  # 2,000 buys more than --max-rank allows
+
+
+@pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN")
+def test_the_probe_runs_on_run_cpu_matmul(tmp_path, tiny_classifier_dir, sentiment_tsv, monkeypatch):
+    import lorakit.allocation.allocate as allocate_module
+
+    seen = []
+
+    def recording(model, loss, batches, names):
+        seen.append(gemm.active_cpu_matmul())
+        return activation_spectra(model, loss, batches, names)
+
+    monkeypatch.setitem(allocate_module._PROBE_FUNCTIONS, "activations", recording)
+    path = write_config(tmp_path / "c.yaml", tiny_classifier_dir, *sentiment_tsv, tmp_path / "run",
+                        lora={"targets": ["bert"]}, optim={"batch_size": 4}, run={"cpu_matmul": "blas"})
+    allocate_from_config(load_train_config(path), like_rank=3, probe="activations", probe_batches=1)
+    assert seen == ["blas"] and gemm.active_cpu_matmul() == "onednn"
